@@ -1,0 +1,83 @@
+"""Checkpoints: `output_dir/checkpoint-<N>/` = model weights (loadable with `from_pretrained`) plus
+`training_state.pdparams` (optimizer, lr schedule, EMA, loss scaler, step, seed).
+
+A checkpoint is written under a temporary name and renamed when complete, so a folder named
+`checkpoint-<N>` is always whole; rotation deletes old ones only after the new one exists.
+"""
+import os
+import re
+import shutil
+
+import paddle
+
+from .params import UsageError
+
+PREFIX = "checkpoint-"
+STATE_FILE = "training_state.pdparams"
+_TMP_PREFIX = ".tmp-" + PREFIX
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints as sorted (step, path) pairs."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def remove_partial(output_dir, log):
+    """Delete temporary folders a crashed save left behind."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(_TMP_PREFIX):
+            log(f"removing incomplete checkpoint {name} left by an interrupted save")
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def save(output_dir, step, write_weights, state, total_limit=None):
+    """Write checkpoint-<step> atomically: `write_weights(folder)` saves the model(s), `state` goes to STATE_FILE."""
+    final = os.path.join(output_dir, f"{PREFIX}{step}")
+    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_weights(tmp)
+    paddle.save(state, os.path.join(tmp, STATE_FILE))
+    if os.path.exists(final):  # e.g. a resumed run reaching the same step again
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if total_limit is not None:
+        for _, old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve(resume_from, output_dir):
+    """The checkpoint folder to resume from, or None for a fresh start."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = resume_from if os.path.isdir(resume_from) else os.path.join(output_dir, resume_from)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise UsageError(f"--resume_from_checkpoint {resume_from}: {path} is not a complete checkpoint "
+                         f"(no {STATE_FILE})")
+    return path
+
+
+def load_state(path):
+    return paddle.load(os.path.join(path, STATE_FILE))
+
+
+def load_weights_into(model, folder):
+    """Copy the weights saved by `save_pretrained` in `folder` into the live `model` (keeps its parameters,
+    so the optimizer's references stay valid)."""
+    saved = type(model).from_pretrained(folder)
+    model.set_state_dict(saved.state_dict())
+    del saved

@@ -1,0 +1,105 @@
+"""Logging: quieter library loggers, one-line messages, the experiment tracker and the progress bar.
+
+Only rank 0 logs; on other ranks every call here is a no-op.
+"""
+import logging
+import os
+import sys
+
+import numpy as np
+
+
+def quiet_libraries():
+    """ppdiffusers and paddlenlp print an INFO line per loaded component; keep warnings and errors."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for name in ("ppdiffusers", "paddlenlp", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ppdiffusers.utils import logging as pd_logging
+
+        pd_logging.set_verbosity_warning()
+        from paddlenlp.utils.log import logger as nlp_logger
+
+        nlp_logger.set_level("WARNING")
+    except Exception:  # logging is cosmetic; never fail a run over it
+        pass
+
+
+class Log:
+    def __init__(self, is_main):
+        self.is_main = is_main
+
+    def __call__(self, message):
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message):
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """Scalars and images to VisualDL (default), tensorboard or wandb, under output_dir/logging_dir."""
+
+    def __init__(self, args, is_main):
+        self.kind, self.writer = args.report_to, None
+        if not is_main:
+            return
+        logdir = os.path.join(args.output_dir, args.logging_dir, args.tracker_project_name)
+        if self.kind == "visualdl":
+            from visualdl import LogWriter
+
+            self.writer = LogWriter(logdir=logdir)
+        elif self.kind == "tensorboard":
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=logdir)
+        else:
+            import wandb
+
+            self.writer = wandb.init(project=args.tracker_project_name, dir=logdir, config=vars(args))
+
+    def scalars(self, values, step):
+        if self.writer is None:
+            return
+        if self.kind == "wandb":
+            self.writer.log(values, step=step)
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def images(self, tag, images, step):
+        if self.writer is None:
+            return
+        if self.kind == "wandb":
+            import wandb
+
+            self.writer.log({tag: [wandb.Image(im) for im in images]}, step=step)
+            return
+        for i, image in enumerate(images):
+            self.writer.add_image(f"{tag}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def close(self):
+        if self.writer is None:
+            return
+        if self.kind == "wandb":
+            self.writer.finish()
+        else:
+            self.writer.close()
+
+
+def check_available(report_to):
+    """Fail before training when the chosen tracker is not installed."""
+    module = {"visualdl": "visualdl", "tensorboard": "tensorboardX", "wandb": "wandb"}[report_to]
+    try:
+        __import__(module)
+    except ImportError:
+        from .params import UsageError
+
+        raise UsageError(f"--report_to {report_to} needs the {module} package: pip install {module}") from None
+
+
+def progress_bar(total, initial, is_main):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="steps", disable=not is_main, dynamic_ncols=True)

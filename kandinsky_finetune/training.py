@@ -1,0 +1,149 @@
+"""The training-loop pieces every script uses: the step plan, gradient accumulation, the diffusion loss
+with Min-SNR weighting, the optimizer and lr schedule, mixed precision and device settings."""
+import contextlib
+import math
+import os
+
+import paddle
+import paddle.nn.functional as F
+
+from .params import UsageError
+
+
+# ---------------------------------------------------------------- plan and accumulation
+def plan_steps(batches_per_epoch, accumulation, num_train_epochs, max_train_steps):
+    """(optimizer steps per epoch, total steps, epochs). An epoch's last, shorter accumulation group still
+    makes an optimizer step, so no gradient is carried into the next epoch."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    if max_train_steps is None:
+        max_train_steps = num_train_epochs * steps_per_epoch
+    return steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch)
+
+
+def accumulation_groups(batches, num_batches, accumulation):
+    """Yield (batch, group_size, is_last) so each micro-batch's loss can be divided by its group's real size
+    and gradients synchronised on the last one only."""
+    for i, batch in enumerate(batches):
+        start = i - i % accumulation
+        size = min(accumulation, num_batches - start)
+        yield batch, size, i - start == size - 1
+
+
+# ---------------------------------------------------------------- loss
+def min_snr_weights(alphas_cumprod, timesteps, gamma, prediction_type):
+    """Per-sample Min-SNR-gamma weights (Hang et al. 2023) for a loss on the given prediction type."""
+    alpha_bar = alphas_cumprod.cast("float32")[timesteps]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = paddle.minimum(snr, paddle.full_like(snr, gamma))
+    if prediction_type == "epsilon":
+        # min(snr, g) / snr written without dividing when snr < g (snr can be 0 at the last timestep)
+        return paddle.where(snr < gamma, paddle.ones_like(snr), gamma / snr)
+    if prediction_type == "sample":
+        return clipped
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma):
+    """MSE per sample, Min-SNR weighted when snr_gamma is set, averaged over the batch."""
+    per_sample = F.mse_loss(pred.cast("float32"), target.cast("float32"), reduction="none")
+    per_sample = per_sample.reshape([per_sample.shape[0], -1]).mean(axis=1)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, snr_gamma,
+                                                  noise_scheduler.config.prediction_type)
+    return per_sample.mean()
+
+
+def diffusion_target(noise_scheduler, clean, noise, timesteps):
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(clean, noise, timesteps)
+    raise UsageError(f"unsupported scheduler prediction_type {kind!r}")
+
+
+# ---------------------------------------------------------------- optimizer
+def build_optimizer(parameters, args, max_train_steps):
+    from ppdiffusers.optimization import get_scheduler
+
+    # The schedule counts optimizer steps, the unit of --lr_warmup_steps and --max_train_steps.
+    lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
+                                 num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps)
+    clip = paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm > 0 else None
+    optimizer = paddle.optimizer.AdamW(learning_rate=lr_scheduler, parameters=parameters, beta1=args.adam_beta1,
+                                       beta2=args.adam_beta2, epsilon=args.adam_epsilon,
+                                       weight_decay=args.adam_weight_decay, grad_clip=clip)
+    return optimizer, lr_scheduler
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
+    return model
+
+
+# ---------------------------------------------------------------- precision and device
+def on_gpu():
+    return "gpu" in paddle.get_device()
+
+
+class Precision:
+    """--mixed_precision: autocast (O1) in fp16/bf16 with a dynamic loss scaler for fp16; trainable weights
+    stay fp32. Paddle's autocast does nothing on CPU, so there the run says so and trains in fp32."""
+
+    def __init__(self, mode, log):
+        self.mode, self.enabled = mode, mode != "no" and on_gpu()
+        if mode != "no" and not self.enabled:
+            log.warn(f"--mixed_precision {mode} needs a GPU (Paddle's autocast is a no-op on "
+                     f"{paddle.get_device()}); training in fp32")
+        if self.enabled and mode == "bf16" and not paddle.amp.is_bfloat16_supported():
+            raise UsageError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16")
+        self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(mode) if self.enabled else "float32"
+        self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if self.enabled and mode == "fp16" else None
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, dtype=self.dtype, level="O1")
+
+    def cast_frozen(self, *models):
+        """Frozen models run in the low precision to save memory; nothing trains in it."""
+        if self.enabled:
+            for m in models:
+                m.to(dtype=self.dtype)
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer):
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state):
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
+
+def configure_tf32(allow_tf32, log):
+    """Like the references: TF32 matmuls only with --allow_tf32. Paddle's GPU build enables TF32 by default
+    on Ampere and newer; NVIDIA_TF32_OVERRIDE=0 (read when cuBLAS/cuDNN start) turns it off."""
+    if not on_gpu():
+        if allow_tf32:
+            log.warn("--allow_tf32 only affects NVIDIA GPUs; ignored on " + paddle.get_device())
+        return
+    if not allow_tf32:
+        os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+    elif os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        del os.environ["NVIDIA_TF32_OVERRIDE"]
+
