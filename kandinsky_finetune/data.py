@@ -17,8 +17,9 @@ from .params import UsageError
 
 
 def load_train_dataset(args, seed, columns):
-    """The training split as a `datasets.Dataset`, checked: it exists, is not empty, has `columns`,
-    and (after --max_train_samples) every image opens."""
+    """The training split as a `datasets.Dataset`, checked: it exists, is not empty, has `columns` (the image
+    column first, then any caption column), and (after --max_train_samples) every image opens and every
+    caption is a string or a list of strings."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -46,7 +47,18 @@ def load_train_dataset(args, seed, columns):
     if args.max_train_samples is not None:
         ds = ds.shuffle(seed=seed).select(range(min(args.max_train_samples, len(ds))))
     check_images(ds, args.image_column, source)
+    for column in columns[1:]:
+        check_captions(ds, column, source)
     return ds
+
+
+def check_captions(ds, column, source):
+    rng = np.random.default_rng(0)
+    for row, caption in enumerate(ds[column]):
+        try:
+            pick_caption(caption, rng, row)
+        except ValueError as e:
+            raise UsageError(f"column {column!r} of dataset {source!r}, {e}") from None
 
 
 def _is_saved_dataset(path):

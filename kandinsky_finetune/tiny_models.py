@@ -4,7 +4,7 @@ Nothing is downloaded: the tokenizer vocabulary is generated here and every mode
 initialised from a small config. The folders load with the same `from_pretrained` calls as the
 real `kandinsky-community/kandinsky-2-2-prior` / `-decoder` repos.
 
-    python -m kandinsky_finetune.tiny_models OUT_DIR      # writes OUT_DIR/prior and OUT_DIR/decoder
+    python -m kandinsky_finetune.tiny_models OUT_DIR [--dataset DIR]   # OUT_DIR/prior, OUT_DIR/decoder
 """
 import argparse
 import json
@@ -128,6 +128,27 @@ def build_tiny_kandinsky(out_dir, seed=0, embed_dim=32, image_size=32, prior_lay
     return prior_dir, decoder_dir
 
 
+def write_tiny_dataset(path, num_images=8, size=(64, 48), seed=0):
+    """An imagefolder of simple coloured pictures with captions in metadata.jsonl: odd rows carry a list of
+    captions (one is picked at random per step), even rows a list of one."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colours = ["red", "green", "blue"]
+    with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+        for i in range(num_images):
+            array = np.zeros((size[1], size[0], 3), np.uint8)
+            array[..., i % 3] = 200
+            array[rng.integers(size[1]):, : rng.integers(size[0])] = 255  # a white block in a random place
+            Image.fromarray(array).save(os.path.join(path, f"{i:03d}.png"))
+            name = colours[i % 3]
+            captions = [f"a {name} picture", f"{name} with a white block"] if i % 2 else [f"a {name} picture"]
+            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": captions}) + "\n")
+    return path
+
+
 def _write_model_index(path, class_name, components):
     import ppdiffusers
 
@@ -140,9 +161,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default=None, help="Also write a tiny imagefolder dataset here.")
     args = parser.parse_args()
     prior_dir, decoder_dir = build_tiny_kandinsky(args.out_dir, seed=args.seed)
     print(f"tiny prior repo: {prior_dir}\ntiny decoder repo: {decoder_dir}")
+    if args.dataset:
+        print(f"tiny dataset: {write_tiny_dataset(args.dataset)}")
 
 
 if __name__ == "__main__":

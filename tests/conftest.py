@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Kandinsky 2.2 repos and a tiny captioned imagefolder, built once per session,
+and a helper that runs the real scripts as a user would (a subprocess per run)."""
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kandinsky_finetune.tiny_models import build_tiny_kandinsky, write_tiny_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    prior, decoder = build_tiny_kandinsky(str(root / "repos"))
+    return SimpleNamespace(prior=prior, decoder=decoder, data=write_tiny_dataset(str(root / "data"), num_images=8),
+                           root=root)
+
+
+def model_args(tiny, output_dir, *extra):
+    return ["--pretrained_prior_model_name_or_path", tiny.prior, "--pretrained_decoder_model_name_or_path",
+            tiny.decoder, "--train_data_dir", tiny.data, "--resolution", "64", "--seed", "0",
+            "--output_dir", str(output_dir), *map(str, extra)]
+
+
+def run(cmd, cwd=ROOT, check=True, timeout=900):
+    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_script(script, *args, check=True, cwd=ROOT):
+    return run([sys.executable, "-u", str(ROOT / script), *map(str, args)], cwd=cwd, check=check)
+
+
+def logged(output_dir, tag="train_loss"):
+    """The values a run logged to VisualDL under `tag`, in step order."""
+    from visualdl import LogReader
+
+    files = glob.glob(os.path.join(str(output_dir), "logs", "*", "vdlrecords*"))
+    assert files, f"no VisualDL log in {output_dir}"
+    records = LogReader(file_path=files[0]).get_data("scalar", tag)
+    return [r.value for r in sorted(records, key=lambda r: r.id)]
+
+
+def state_dict_of(folder):
+    """Weights saved by save_pretrained in `folder` (safetensors), as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    files = glob.glob(os.path.join(str(folder), "*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])

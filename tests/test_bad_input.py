@@ -1,0 +1,112 @@
+"""Bad input: one clear line naming the problem, exit status 2, before training, and nothing written."""
+import os
+import shutil
+import sys
+
+import pytest
+
+import train_text_to_image_decoder
+import train_text_to_image_prior
+from conftest import ROOT, model_args, run
+from kandinsky_finetune.params import UsageError
+
+
+def copy_dataset(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny.data, data)
+    return data
+
+
+def case_missing_dir(tiny, tmp_path):
+    return ["--train_data_dir", tmp_path / "nowhere"], "is not a folder"
+
+
+def case_empty_dir(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    return ["--train_data_dir", tmp_path / "empty"], "doesn't contain any data files"
+
+
+def case_missing_hub_dataset(tiny, tmp_path):
+    return ["--train_data_dir", None, "--dataset_name", tmp_path / "no" / "such"], "cannot load dataset"
+
+
+def case_wrong_image_column(tiny, tmp_path):
+    return ["--image_column", "picture"], "has no column 'picture' (--image_column)"
+
+
+def case_unreadable_image(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    (data / "003.png").write_bytes(b"this is not a png")
+    return ["--train_data_dir", data], "unreadable image"
+
+
+def case_model_without_subfolders(tiny, tmp_path):
+    fake = tmp_path / "fake_repo"
+    shutil.copytree(os.path.join(tiny.decoder, "unet"), fake / "unet")
+    shutil.copytree(os.path.join(tiny.prior, "prior"), fake / "prior")
+    return ["--pretrained_decoder_model_name_or_path", fake, "--pretrained_prior_model_name_or_path", fake], \
+        "missing subfolder(s)"
+
+
+def case_output_dir_is_file(tiny, tmp_path):
+    return ["--output_dir", tmp_path / "out"], "is a file"
+
+
+CASES = [case_missing_dir, case_empty_dir, case_missing_hub_dataset, case_wrong_image_column, case_unreadable_image,
+         case_model_without_subfolders, case_output_dir_is_file]
+
+
+def with_overrides(args, overrides):
+    """model_args with some flags replaced (a None value drops the flag)."""
+    args = list(map(str, args))
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
+@pytest.mark.parametrize("script", [train_text_to_image_prior, train_text_to_image_decoder], ids=["prior", "decoder"])
+def test_bad_input_is_one_clear_error_before_training(tiny, tmp_path, script, case):
+    overrides, expected = case(tiny, tmp_path)
+    out = tmp_path / "out"
+    if case is case_output_dir_is_file:
+        out.write_text("not a folder")
+    with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        script.main(with_overrides(model_args(tiny, out), overrides))
+    assert out.is_file() if case is case_output_dir_is_file else not out.exists()
+
+
+def test_prior_caption_problems(tiny, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="no column 'caption' \\(--caption_column\\)"):
+        train_text_to_image_prior.main(model_args(tiny, out, "--caption_column", "caption"))
+    data = copy_dataset(tiny, tmp_path)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    lines[2] = lines[2].replace('["a blue picture"]', "[]")
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match="row 2: a caption must be a string or a non-empty list"):
+        train_text_to_image_prior.main(with_overrides(model_args(tiny, out), ["--train_data_dir", data]))
+    assert not out.exists()
+
+
+def test_resolution_not_multiple_of_movq_factor(tiny, tmp_path):
+    with pytest.raises(UsageError, match="--resolution 60 is not a multiple of the MoVQ downscale factor 8"):
+        train_text_to_image_decoder.main(with_overrides(model_args(tiny, tmp_path / "out"), ["--resolution", 60]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_one_error_line_and_exits_2(tiny, tmp_path):
+    proc = run([sys.executable, str(ROOT / "train_text_to_image_decoder.py"),
+                *with_overrides(model_args(tiny, tmp_path / "out"), ["--image_column", "picture"])], check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset ")
+
+
+def test_8bit_adam_is_refused_with_a_reason(tiny, tmp_path):
+    with pytest.raises(UsageError, match="bitsandbytes"):
+        train_text_to_image_prior.main(model_args(tiny, tmp_path / "out", "--use_8bit_adam"))

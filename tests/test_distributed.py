@@ -1,0 +1,27 @@
+"""A 2-process launch (gloo on CPU) trains, syncs, and writes one output from rank 0; every rank ends cleanly."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, logged, model_args, run, state_dict_of
+
+
+@pytest.mark.parametrize("script,model", [("train_text_to_image_prior.py", "prior"),
+                                          ("train_text_to_image_decoder.py", "unet")])
+def test_two_process_launch(tiny, tmp_path, script, model):
+    out = tmp_path / "out"
+    proc = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                str(tmp_path / "log"), str(ROOT / script),
+                *model_args(tiny, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 2,
+                            "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3)], cwd=tmp_path, check=False)
+    logs = {name: (tmp_path / "log" / name).read_text() for name in ("workerlog.0", "workerlog.1")}
+    assert proc.returncode == 0, proc.stdout[-3000:] + logs["workerlog.0"][-3000:] + logs["workerlog.1"][-3000:]
+    assert "saved the fine-tuned" in logs["workerlog.0"] and "saved" not in logs["workerlog.1"]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    assert len(logged(out)) == 4  # one log, from rank 0, one value per optimizer step
+    final, start = state_dict_of(out / model), state_dict_of(os.path.join(tiny.prior if model == "prior"
+                                                                          else tiny.decoder, model))
+    assert all(np.isfinite(v).all() for v in final.values())
+    assert any(not np.array_equal(final[k], start[k]) for k in final)

@@ -1,0 +1,69 @@
+"""Each full fine-tuning script trains on the tiny models: the loss falls on an overfit run, checkpoints
+rotate, and the saved output is what inference needs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import logged, model_args, run_script, state_dict_of
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def prior_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior_run") / "out"
+    run_script("train_text_to_image_prior.py", *model_args(
+        tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 1e-3,
+        "--lr_warmup_steps", 0, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("decoder_run") / "out"
+    run_script("train_text_to_image_decoder.py", *model_args(
+        tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 1e-3,
+        "--lr_warmup_steps", 0, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2, "--center_crop"))
+    return out
+
+
+def assert_loss_falls(losses):
+    assert len(losses) == STEPS
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert last < 0.8 * first, f"loss did not fall: first steps {first:.4f}, last steps {last:.4f}"
+
+
+def test_prior_loss_falls(prior_run):
+    assert_loss_falls(logged(prior_run))
+
+
+def test_decoder_loss_falls(decoder_run):
+    assert_loss_falls(logged(decoder_run))
+
+
+@pytest.mark.parametrize("run_name,model", [("prior_run", "prior"), ("decoder_run", "unet")])
+def test_checkpoints_rotate_and_hold_weights_and_state(run_name, model, request):
+    out = request.getfixturevalue(run_name)
+    names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-30", "checkpoint-40"]  # --checkpoints_total_limit 2 of 10, 20, 30, 40
+    assert os.path.isfile(out / "checkpoint-40" / "training_state.pdparams")
+    final = state_dict_of(out / ("prior" if model == "prior" else "unet"))
+    at_40 = state_dict_of(out / "checkpoint-40" / model)
+    assert final.keys() == at_40.keys()
+    assert all(np.array_equal(final[k], at_40[k]) for k in final)
+
+
+def test_prior_output_is_a_prior_pipeline_with_unclip_scheduler(prior_run):
+    index = json.loads((prior_run / "model_index.json").read_text())
+    assert index["_class_name"] == "KandinskyV22PriorPipeline"
+    assert index["scheduler"] == ["ppdiffusers", "UnCLIPScheduler"]
+
+
+def test_prior_keeps_clip_statistics_fixed(prior_run, tiny):
+    before = state_dict_of(os.path.join(tiny.prior, "prior"))
+    after = state_dict_of(prior_run / "prior")
+    for name in ("clip_mean", "clip_std"):
+        assert np.array_equal(before[name], after[name])
+    assert not np.array_equal(before["proj_in.weight"], after["proj_in.weight"])
