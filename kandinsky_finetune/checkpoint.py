@@ -57,6 +57,51 @@ def save(output_dir, step, write_weights, state, total_limit=None):
     return final
 
 
+class Checkpointer:
+    """Saves and restores one run's checkpoints. `save_weights(folder)` / `load_weights(folder)` write and read
+    the trained weights (a full model, or LoRA layers); the rest of the training state is common."""
+
+    def __init__(self, args, seed, save_weights, load_weights, optimizer, lr_scheduler, precision, ema):
+        self.args, self.seed = args, seed
+        self.save_weights, self.load_weights = save_weights, load_weights
+        self.optimizer, self.lr_scheduler, self.precision, self.ema = optimizer, lr_scheduler, precision, ema
+
+    def save(self, step):
+        state = {"global_step": step, "seed": self.seed, "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.precision.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit)
+
+    def restore(self, path, state):
+        """Load weights and training state from checkpoint `path`; return the step it was taken at."""
+        self.load_weights(path)
+        self.optimizer.set_state_dict(state["optimizer"])
+        self.lr_scheduler.set_state_dict(state["lr_scheduler"])
+        self.precision.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise UsageError(f"--use_ema: checkpoint {path} was written without EMA; resume without --use_ema")
+            self.ema.load_state_dict(state["ema"])
+        return state["global_step"]
+
+
+def full_model_weights(model, name, ema=None, trainable=None):
+    """(save, load) for a fully fine-tuned model kept as `<checkpoint>/<name>/` (and `<name>_ema/` with EMA),
+    each loadable with `from_pretrained`."""
+    from .training import ema_weights
+
+    def save_weights(folder):
+        model.save_pretrained(os.path.join(folder, name))
+        if ema is not None:
+            with ema_weights(ema, trainable):
+                model.save_pretrained(os.path.join(folder, f"{name}_ema"))
+
+    def load_weights(folder):
+        load_weights_into(model, os.path.join(folder, name))
+
+    return save_weights, load_weights
+
+
 def resolve(resume_from, output_dir):
     """The checkpoint folder to resume from, or None for a fresh start."""
     if resume_from is None:

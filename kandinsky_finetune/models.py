@@ -34,6 +34,18 @@ def movq_downscale_factor(movq):
     return 2 ** (len(movq.config.block_out_channels) - 1)
 
 
+def movq_downscale_factor_of_repo(repo, flag, cache_dir=None):
+    """The factor from the decoder repo's movq/config.json, without loading the weights."""
+    from ppdiffusers import VQModel
+
+    try:
+        config = VQModel.load_config(repo, subfolder="movq", cache_dir=cache_dir)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"cannot load movq of {flag} {repo}: {type(e).__name__}: {reason}") from None
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def check_resolution(resolution, factor, what):
     if resolution % factor:
         raise UsageError(f"--resolution {resolution} is not a multiple of the MoVQ downscale factor {factor} "

@@ -147,3 +147,132 @@ def configure_tf32(allow_tf32, log):
     elif os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
         del os.environ["NVIDIA_TF32_OVERRIDE"]
 
+
+
+# ---------------------------------------------------------------- EMA
+@contextlib.contextmanager
+def ema_weights(ema, parameters):
+    """Put the EMA weights into the live model for a while (validation, the checkpoint's EMA copy)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+# ---------------------------------------------------------------- the loop's book-keeping
+class Loop:
+    """Epochs, micro-batches and optimizer steps; the script computes the loss in between.
+
+        for epoch in loop.epochs():
+            for batch in loop.micro_batches(epoch):
+                with loop.accumulating():
+                    loss = ...             # forward on `batch`
+                    loop.backward(loss)
+                loop.step_if_due()         # after a group's last micro-batch: step, EMA, log, checkpoint
+
+    Each micro-batch's loss is divided by the real size of its accumulation group; gradients are
+    all-reduced on the group's last micro-batch only; the logged loss is the group's mean over all ranks.
+    """
+
+    def __init__(self, args, ctx, model, trainable, optimizer, lr_scheduler, precision, ema, sampler, loader,
+                 checkpointer, tracker, log, max_train_steps, steps_per_epoch, num_epochs, global_step=0):
+        self.args, self.ctx, self.model, self.trainable = args, ctx, model, trainable
+        self.optimizer, self.lr_scheduler, self.precision, self.ema = optimizer, lr_scheduler, precision, ema
+        self.sampler, self.loader, self.checkpointer, self.tracker, self.log = sampler, loader, checkpointer, tracker, log
+        self.max_train_steps, self.steps_per_epoch, self.num_epochs = max_train_steps, steps_per_epoch, num_epochs
+        self.global_step = global_step
+        self._group, self._last, self._loss = 1, True, 0.0
+        from . import tracking
+
+        self.bar = tracking.progress_bar(max_train_steps, global_step, ctx.is_main)
+
+    @property
+    def done(self):
+        return self.global_step >= self.max_train_steps
+
+    def epochs(self):
+        for epoch in range(self.global_step // self.steps_per_epoch, self.num_epochs):
+            if self.done:
+                return
+            yield epoch
+
+    def micro_batches(self, epoch):
+        accumulation = self.args.gradient_accumulation_steps
+        done_in_epoch = self.global_step - epoch * self.steps_per_epoch  # > 0 only when resuming mid-epoch
+        self.sampler.set_epoch(epoch, skip_batches=done_in_epoch * accumulation)
+        for batch, self._group, self._last in accumulation_groups(self.loader, len(self.sampler), accumulation):
+            yield batch
+            if self.done:
+                return
+
+    def accumulating(self):
+        from .distributed import no_sync_unless
+
+        return no_sync_unless(self._last, self.model)
+
+    def backward(self, loss):
+        loss = loss / self._group
+        self.precision.backward(loss)
+        self._loss += float(loss.item())
+
+    def step_if_due(self):
+        if not self._last:
+            return
+        from .distributed import mean_across_ranks
+
+        self.precision.step(self.optimizer)
+        self.lr_scheduler.step()
+        self.optimizer.clear_grad()
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        self.global_step += 1
+        logged = {"train_loss": mean_across_ranks(self._loss, self.ctx), "lr": self.lr_scheduler.get_lr()}
+        self._loss = 0.0
+        self.tracker.scalars(logged, self.global_step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}")
+        if self.global_step % self.args.checkpointing_steps == 0 and self.ctx.is_main:
+            self.log(f"saved {self.checkpointer.save(self.global_step)}")
+
+    def close(self):
+        self.bar.close()
+
+
+# ---------------------------------------------------------------- start-up
+def start_run(args):
+    """What every script does first: devices and processes, logging, precision, the seed, and the checkpoint
+    to resume from (whose seed wins, so a resumed run continues the same shuffles and noise)."""
+    from types import SimpleNamespace
+
+    from . import checkpoint, distributed, tracking
+
+    tracking.quiet_libraries()
+    ctx = distributed.setup(args.local_rank)
+    log = tracking.Log(ctx.is_main)
+    tracking.check_available(args.report_to)
+    configure_tf32(args.allow_tf32, log)
+    precision = Precision(args.mixed_precision, log)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed = distributed.broadcast_int(seed, ctx)  # a drawn seed must be the same on every rank
+    resume_path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        log(f"no checkpoint in {args.output_dir} yet: starting a new run")
+    resume_state = checkpoint.load_state(resume_path) if resume_path else None
+    if resume_state is not None:
+        seed = resume_state["seed"]
+    return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
+                           resume_state=resume_state)
+
+
+def prepare_output_dir(output_dir, ctx, log):
+    """Called once all input is checked, so a bad run leaves nothing behind."""
+    if ctx.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        from .checkpoint import remove_partial
+
+        remove_partial(output_dir, log)

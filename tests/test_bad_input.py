@@ -96,6 +96,10 @@ def test_prior_caption_problems(tiny, tmp_path):
 def test_resolution_not_multiple_of_movq_factor(tiny, tmp_path):
     with pytest.raises(UsageError, match="--resolution 60 is not a multiple of the MoVQ downscale factor 8"):
         train_text_to_image_decoder.main(with_overrides(model_args(tiny, tmp_path / "out"), ["--resolution", 60]))
+    # the prior uses --resolution for its validation images, made by the decoder
+    with pytest.raises(UsageError, match="--resolution 60 is not a multiple of the MoVQ downscale factor 8"):
+        train_text_to_image_prior.main(with_overrides(model_args(tiny, tmp_path / "out"),
+                                                      ["--resolution", 60, "--validation_prompts", "a cat"]))
     assert not (tmp_path / "out").exists()
 
 
