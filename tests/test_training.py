@@ -8,7 +8,8 @@ import pytest
 
 from conftest import logged, model_args, run_script, state_dict_of
 
-STEPS = 40
+STEPS = 40  # 8 samples in batches of 4: 2 steps per epoch, 20 epochs
+VALIDATION = ["--validation_prompts", "a red picture", "a blue picture", "--validation_epochs", 10]
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def prior_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("prior_run") / "out"
     run_script("train_text_to_image_prior.py", *model_args(
         tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 1e-3,
-        "--lr_warmup_steps", 0, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2))
+        "--lr_warmup_steps", 0, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2, *VALIDATION))
     return out
 
 
@@ -25,7 +26,7 @@ def decoder_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("decoder_run") / "out"
     run_script("train_text_to_image_decoder.py", *model_args(
         tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 1e-3,
-        "--lr_warmup_steps", 0, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2, "--center_crop"))
+        "--lr_warmup_steps", 0, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2, "--center_crop", *VALIDATION))
     return out
 
 
@@ -67,3 +68,16 @@ def test_prior_keeps_clip_statistics_fixed(prior_run, tiny):
     for name in ("clip_mean", "clip_std"):
         assert np.array_equal(before[name], after[name])
     assert not np.array_equal(before["proj_in.weight"], after["proj_in.weight"])
+
+
+@pytest.mark.parametrize("run_name", ["prior_run", "decoder_run"])
+def test_validation_images_every_n_epochs_and_at_the_end(run_name, request):
+    from visualdl import LogReader
+    import glob
+
+    out = request.getfixturevalue(run_name)
+    # after epochs 0 and 10 (steps 2 and 22), and at the end (step 40); one image per prompt
+    assert sorted(os.listdir(out / "validation")) == ["step-2", "step-22", "step-40"]
+    assert sorted(os.listdir(out / "validation" / "step-40")) == ["0.png", "1.png"]
+    reader = LogReader(file_path=glob.glob(str(out / "logs" / "*" / "vdlrecords*"))[0])
+    assert {"validation/0", "validation/1"} <= set(reader.get_tags()["image"])
