@@ -72,6 +72,14 @@ class Checkpointer:
                  "ema": self.ema.state_dict() if self.ema is not None else None}
         return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit)
 
+    def resume(self, run, log):
+        """Restore the checkpoint `training.start_run` found, if any; return the step to continue from."""
+        if run.resume_state is None:
+            return 0
+        step = self.restore(run.resume_path, run.resume_state)
+        log(f"resumed from {run.resume_path} at step {step}")
+        return step
+
     def restore(self, path, state):
         """Load weights and training state from checkpoint `path`; return the step it was taken at."""
         self.load_weights(path)

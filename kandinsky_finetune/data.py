@@ -166,5 +166,9 @@ class ShardedBatchSampler:
             yield [(self.epoch, int(i)) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
-def make_loader(train_set, sampler, num_workers):
-    return paddle.io.DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, use_shared_memory=False)
+def build_loader(hf_dataset, make_sample, args, ctx, seed):
+    """This rank's (sampler, loader) over the dataset."""
+    sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
+    loader = paddle.io.DataLoader(TrainSet(hf_dataset, make_sample, seed), batch_sampler=sampler,
+                                  num_workers=args.dataloader_num_workers, use_shared_memory=False)
+    return sampler, loader

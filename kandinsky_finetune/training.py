@@ -135,6 +135,17 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
+def memory_efficient_attention(model, wanted, log):
+    """--enable_xformers_memory_efficient_attention: ppdiffusers' memory-efficient attention kernels (GPU only)."""
+    if not wanted:
+        return
+    if on_gpu():
+        model.enable_xformers_memory_efficient_attention()
+    else:
+        log.warn("--enable_xformers_memory_efficient_attention needs a GPU; using standard attention on "
+                 + paddle.get_device())
+
+
 def configure_tf32(allow_tf32, log):
     """Like the references: TF32 matmuls only with --allow_tf32. Paddle's GPU build enables TF32 by default
     on Ampere and newer; NVIDIA_TF32_OVERRIDE=0 (read when cuBLAS/cuDNN start) turns it off."""
@@ -150,6 +161,14 @@ def configure_tf32(allow_tf32, log):
 
 
 # ---------------------------------------------------------------- EMA
+def build_ema(parameters, use_ema):
+    if not use_ema:
+        return None
+    from ppdiffusers.training_utils import EMAModel
+
+    return EMAModel(parameters)
+
+
 @contextlib.contextmanager
 def ema_weights(ema, parameters):
     """Put the EMA weights into the live model for a while (validation, the checkpoint's EMA copy)."""
@@ -257,7 +276,7 @@ def start_run(args):
     tracking.check_available(args.report_to)
     configure_tf32(args.allow_tf32, log)
     precision = Precision(args.mixed_precision, log)
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     seed = distributed.broadcast_int(seed, ctx)  # a drawn seed must be the same on every rank
     resume_path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
@@ -265,6 +284,7 @@ def start_run(args):
     resume_state = checkpoint.load_state(resume_path) if resume_path else None
     if resume_state is not None:
         seed = resume_state["seed"]
+    paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
     return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
                            resume_state=resume_state)
 

@@ -1,0 +1,100 @@
+"""The prior's training task, shared by the full and the LoRA prior scripts: its components, how a sample
+is prepared, the loss, and the pipelines built around the prior being trained.
+
+Math: the CLIP image embedding of the image, normalised with the prior's fixed clip_mean / clip_std, is
+noised with the squaredcos_cap_v2 DDPM schedule; the prior predicts the clean normalised embedding
+(prediction_type "sample") from the noisy one, the timestep, the text embedding, the text encoder's last
+hidden state and the text mask.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+
+from . import data, models, training
+
+PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
+
+
+def load_components(args, precision, needs_decoder):
+    from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler
+    from ppdiffusers.transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                          CLIPVisionModelWithProjection)
+
+    repo, decoder_repo = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    models.check_repo(repo, models.PRIOR_SUBFOLDERS, PRIOR_FLAG)
+    if needs_decoder:  # the decoder only turns validation embeddings into images
+        models.check_repo(decoder_repo, models.DECODER_SUBFOLDERS, DECODER_FLAG)
+        models.check_resolution(args.resolution, models.movq_downscale_factor_of_repo(
+            decoder_repo, DECODER_FLAG, args.cache_dir), "validation images")
+    load = lambda cls, sub: models.load(cls, repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
+    c = SimpleNamespace(
+        # Training uses the DDPM form of the prior's noise schedule; saved pipelines keep the repo's
+        # UnCLIPScheduler, which the prior pipeline needs at inference.
+        noise_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
+        inference_scheduler=load(UnCLIPScheduler, "scheduler"),
+        image_processor=load(CLIPImageProcessor, "image_processor"),
+        tokenizer=load(CLIPTokenizer, "tokenizer"),
+        image_encoder=training.freeze(load(CLIPVisionModelWithProjection, "image_encoder")),
+        text_encoder=training.freeze(load(CLIPTextModelWithProjection, "text_encoder")),
+        prior=load(PriorTransformer, "prior"),
+        decoder_parts={})
+    # clip_mean / clip_std are the fixed statistics of the CLIP image embeddings, not weights to learn
+    c.prior.clip_mean.stop_gradient = c.prior.clip_std.stop_gradient = True
+    c.clip_mean, c.clip_std = c.prior.clip_mean.detach(), c.prior.clip_std.detach()
+    precision.cast_frozen(c.image_encoder, c.text_encoder)
+    return c
+
+
+def sample_maker(args, c):
+    """make_sample(example, rng, row) for data.TrainSet: a caption pick, tokens, CLIP input, noise, timestep."""
+    embed_dim = c.prior.config.embedding_dim
+    num_timesteps = c.noise_scheduler.config.num_train_timesteps
+
+    def make_sample(example, rng, row):
+        caption = data.pick_caption(example[args.caption_column], rng, row)
+        tokens = c.tokenizer(caption, max_length=c.tokenizer.model_max_length, padding="max_length", truncation=True,
+                             return_attention_mask=True)
+        return {"text_input_ids": np.asarray(tokens["input_ids"], dtype="int64"),
+                "text_mask": np.asarray(tokens["attention_mask"], dtype="bool"),
+                "clip_pixel_values": data.clip_input(c.image_processor, example[args.image_column].convert("RGB")),
+                "noise": rng.standard_normal(embed_dim, dtype="float32"), "timestep": rng.integers(num_timesteps)}
+
+    return make_sample
+
+
+def loss(c, model, batch, snr_gamma, precision):
+    """The training loss of `model` (the prior, possibly wrapped) on one micro-batch."""
+    with paddle.no_grad(), precision.autocast():
+        text = c.text_encoder(batch["text_input_ids"])
+        image_embeds = c.image_encoder(batch["clip_pixel_values"]).image_embeds.cast("float32")
+        image_embeds = (image_embeds - c.clip_mean) / c.clip_std
+    noise, timesteps = batch["noise"], batch["timestep"]
+    noisy_embeds = c.noise_scheduler.add_noise(image_embeds, noise, timesteps)
+    target = training.diffusion_target(c.noise_scheduler, image_embeds, noise, timesteps)
+    with precision.autocast():
+        pred = model(noisy_embeds, timestep=timesteps, proj_embedding=text.text_embeds,
+                     encoder_hidden_states=text.last_hidden_state,
+                     attention_mask=batch["text_mask"]).predicted_image_embedding
+    return training.diffusion_loss(pred, target, timesteps, c.noise_scheduler, snr_gamma)
+
+
+def prior_pipeline(c):
+    from ppdiffusers import KandinskyV22PriorPipeline
+
+    return KandinskyV22PriorPipeline(prior=c.prior, image_encoder=c.image_encoder, text_encoder=c.text_encoder,
+                                     tokenizer=c.tokenizer, scheduler=c.inference_scheduler,
+                                     image_processor=c.image_processor)
+
+
+def combined_pipeline(args, c):
+    """A KandinskyV22CombinedPipeline around the live prior; the decoder's components are loaded once, on first use."""
+    from ppdiffusers import DDPMScheduler, KandinskyV22CombinedPipeline, UNet2DConditionModel, VQModel
+
+    repo = args.pretrained_decoder_model_name_or_path
+    if not c.decoder_parts:
+        c.decoder_parts.update(unet=models.load(UNet2DConditionModel, repo, "unet", DECODER_FLAG, args.cache_dir),
+                               movq=models.load(VQModel, repo, "movq", DECODER_FLAG, args.cache_dir),
+                               scheduler=models.load(DDPMScheduler, repo, "scheduler", DECODER_FLAG, args.cache_dir))
+    return KandinskyV22CombinedPipeline(**c.decoder_parts,
+                                        **{"prior_" + k: v for k, v in prior_pipeline(c).components.items()})
