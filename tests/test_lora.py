@@ -1,0 +1,172 @@
+"""The LoRA scripts: the base model stays frozen, only LoRA layers (all attention projections, the decoder's
+added key/value ones included) get gradients and train, the loss falls, and the saved file loads with
+`load_attn_procs` into a model that computes exactly what the trained one did."""
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+import train_text_to_image_decoder_lora
+import train_text_to_image_prior_lora
+from conftest import logged, model_args, state_dict_of
+from kandinsky_finetune import lora, training
+
+STEPS = 40
+
+
+class Spy:
+    """Watches one in-process training run: the optimizer, the gradients at each optimizer step, the trained model."""
+
+    def __init__(self, monkeypatch):
+        self.grads_at_last_step, self.optimizer, self.model = None, None, None
+        build_optimizer, step, save = training.build_optimizer, training.Precision.step, lora.save
+
+        def spy_build_optimizer(parameters, *a, **k):
+            self.optimizer, scheduler = build_optimizer(parameters, *a, **k)
+            return self.optimizer, scheduler
+
+        def spy_step(precision, optimizer):
+            # sizes, not the tensors: clear_grad() zeroes gradient tensors in place after the step
+            self.grads_at_last_step = {name: None if p.grad is None else float(p.grad.abs().sum())
+                                       for name, p in self.model_ref.named_parameters()}
+            step(precision, optimizer)
+
+        def spy_save(model, folder):
+            if os.path.abspath(folder) == os.path.abspath(self.output_dir):
+                self.model = model
+            save(model, folder)
+
+        monkeypatch.setattr(training, "build_optimizer", spy_build_optimizer)
+        monkeypatch.setattr(training.Precision, "step", spy_step)
+        monkeypatch.setattr(lora, "save", spy_save)
+
+
+def train_in_process(script, tiny, out, monkeypatch, rank_flag="--lora_rank"):
+    spy = Spy(monkeypatch)
+    spy.output_dir = str(out)
+    add_lora = lora.add_lora
+
+    def spy_add_lora(model, rank):
+        spy.model_ref = model
+        return add_lora(model, rank)
+
+    monkeypatch.setattr(lora, "add_lora", spy_add_lora)
+    script.main(model_args(tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 3e-2,
+                           "--lr_warmup_steps", 0, rank_flag, 8, "--checkpointing_steps", 20))
+    return spy
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def decoder_lora(tiny, tmp_path_factory, monkeypatch_module):
+    out = tmp_path_factory.mktemp("decoder_lora") / "out"
+    return train_in_process(train_text_to_image_decoder_lora, tiny, out, monkeypatch_module), out
+
+
+@pytest.fixture(scope="module")
+def prior_lora(tiny, tmp_path_factory, monkeypatch_module):
+    out = tmp_path_factory.mktemp("prior_lora") / "out"
+    # --rank is the diffusers spelling of --lora_rank
+    spy = train_in_process(train_text_to_image_prior_lora, tiny, out, monkeypatch_module, rank_flag="--rank")
+    return spy, out
+
+
+RUNS = ["decoder_lora", "prior_lora"]
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_only_lora_trains(run_name, request):
+    spy, out = request.getfixturevalue(run_name)
+    names = {id(p): n for n, p in spy.model.named_parameters()}
+    optimized = [names[id(p)] for p in spy.optimizer._parameter_list]
+    assert optimized and all(".lora_layer." in n for n in optimized)
+    grads = spy.grads_at_last_step
+    base_with_grad = [n for n, g in grads.items() if ".lora_layer." not in n and g is not None]
+    assert base_with_grad == []
+    lora_without_grad = [n for n, g in grads.items() if ".lora_layer." in n and not g]
+    assert lora_without_grad == []
+    assert set(optimized) == {n for n in grads if ".lora_layer." in n}
+
+
+@pytest.mark.parametrize("run_name,expected", [
+    ("decoder_lora", {"to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj"}),  # added-KV attention
+    ("prior_lora", {"to_q", "to_k", "to_v", "to_out"}),
+])
+def test_lora_sits_on_every_attention_projection(run_name, expected, request):
+    from ppdiffusers.models.attention_processor import Attention
+
+    spy, _ = request.getfixturevalue(run_name)
+    attentions = [(name, m) for name, m in spy.model.named_sublayers() if isinstance(m, Attention)]
+    assert attentions
+    for name, module in attentions:
+        with_lora = {n.split(".")[0] for n, m in module.named_sublayers() if getattr(m, "lora_layer", None) is not None}
+        assert with_lora == expected, name
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_lora_loss_falls(run_name, request):
+    _, out = request.getfixturevalue(run_name)
+    losses = logged(out)
+    assert len(losses) == STEPS
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_base_weights_unchanged(run_name, request, tiny):
+    spy, _ = request.getfixturevalue(run_name)
+    sub = "unet" if run_name == "decoder_lora" else "prior"
+    original = state_dict_of(os.path.join(tiny.decoder if sub == "unet" else tiny.prior, sub))
+    live = {n: p.numpy() for n, p in spy.model.named_parameters() if ".lora_layer." not in n}
+    assert original.keys() == live.keys()
+    assert all(np.array_equal(original[k], live[k]) for k in original)
+
+
+def test_saved_lora_reproduces_the_trained_decoder(decoder_lora, tiny):
+    from ppdiffusers import UNet2DConditionModel
+
+    spy, out = decoder_lora
+    loaded = UNet2DConditionModel.from_pretrained(os.path.join(tiny.decoder, "unet"))
+    loaded.load_attn_procs(str(out))  # what users do (README)
+    x, t, emb = paddle.randn([2, 4, 8, 8]), paddle.to_tensor([10, 500]), paddle.randn([2, 32])
+    spy.model.eval()
+    with paddle.no_grad():
+        trained = spy.model(x, t, None, added_cond_kwargs={"image_embeds": emb}).sample
+        reloaded = loaded(x, t, None, added_cond_kwargs={"image_embeds": emb}).sample
+        base = UNet2DConditionModel.from_pretrained(os.path.join(tiny.decoder, "unet"))(
+            x, t, None, added_cond_kwargs={"image_embeds": emb}).sample
+    assert float((trained - base).abs().max()) > 1e-3  # LoRA changed the model
+    np.testing.assert_allclose(reloaded.numpy(), trained.numpy(), atol=1e-5)
+
+
+def test_saved_lora_reproduces_the_trained_prior(prior_lora, tiny):
+    from ppdiffusers import PriorTransformer
+
+    spy, out = prior_lora
+    loaded = PriorTransformer.from_pretrained(os.path.join(tiny.prior, "prior"))
+    loaded.load_attn_procs(str(out))
+    inputs = dict(hidden_states=paddle.randn([2, 32]), timestep=paddle.to_tensor([10, 500]),
+                  proj_embedding=paddle.randn([2, 32]), encoder_hidden_states=paddle.randn([2, 77, 32]),
+                  attention_mask=paddle.ones([2, 77], dtype="bool"))
+    spy.model.eval()
+    with paddle.no_grad():
+        trained = spy.model(**inputs).predicted_image_embedding
+        reloaded = loaded(**inputs).predicted_image_embedding
+        base = PriorTransformer.from_pretrained(os.path.join(tiny.prior, "prior"))(**inputs).predicted_image_embedding
+    assert float((trained - base).abs().max()) > 1e-3
+    np.testing.assert_allclose(reloaded.numpy(), trained.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_lora_file_is_small_and_checkpoints_hold_it(run_name, request):
+    _, out = request.getfixturevalue(run_name)
+    size = os.path.getsize(out / lora.WEIGHTS_NAME)
+    print(f"{run_name}: {lora.WEIGHTS_NAME} is {size / 1e3:.1f} kB at rank 8")
+    assert size < 200_000
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-20", "checkpoint-40"]
+    assert sorted(os.listdir(out / "checkpoint-40")) == [lora.WEIGHTS_NAME, "training_state.pdparams"]
