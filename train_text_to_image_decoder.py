@@ -5,7 +5,7 @@
 
 output_dir then loads with `KandinskyV22CombinedPipeline.from_pretrained(output_dir)`.
 """
-from kandinsky_finetune import checkpoint, data, decoder, distributed, hub, params, tracking, training, validation
+from kandinsky_finetune import checkpoint, data, decoder, params, training, validation
 
 
 def parse_args(argv=None):
@@ -30,52 +30,33 @@ def main(argv=None):
     # ---- data: each sample brings its own crop, flip, noise and timestep (see data.py)
     ds = data.load_train_dataset(args, run.seed, [args.image_column])
     sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed)
-    steps_per_epoch, max_train_steps, num_epochs = training.plan_steps(
-        sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
 
-    # ---- optimizer, EMA, checkpoints, resume
+    # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in unet.parameters() if not p.stop_gradient]
-    optimizer, lr_scheduler = training.build_optimizer(trainable, args, max_train_steps)
+    optimizer, lr_scheduler = training.build_optimizer(trainable, args, sampler)
     ema = training.build_ema(trainable, args.use_ema)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *checkpoint.full_model_weights(unet, "unet", ema, trainable),
                                            optimizer, lr_scheduler, precision, ema)
-    global_step = checkpointer.resume(run, log)
-    model = distributed.wrap(unet, ctx)
+    loop = training.Loop(args, run, unet, trainable, optimizer, lr_scheduler, ema, sampler, loader,
+                         checkpointer, len(ds))
 
     def validate(step):
         with training.ema_weights(ema, trainable):
-            validation.run(decoder.combined_pipeline(args, c), [unet], args.validation_prompts, 1, args, run.seed,
-                           step, tracker, log)
+            validation.run(decoder.combined_pipeline(args, c), [unet], args, run.seed, step, loop.tracker, log)
 
-    # ---- train
-    training.prepare_output_dir(args.output_dir, ctx, log)
-    tracker = tracking.Tracker(args, ctx.is_main)
-    log(f"{len(ds)} samples, {ctx.world_size} process(es), {steps_per_epoch} optimizer steps per epoch, "
-        f"{max_train_steps} steps in all")
-    loop = training.Loop(args, ctx, model, trainable, optimizer, lr_scheduler, precision, ema, sampler, loader,
-                         checkpointer, tracker, log, max_train_steps, steps_per_epoch, num_epochs, global_step)
+    def save():
+        # the whole combined pipeline, so `KandinskyV22CombinedPipeline.from_pretrained(output_dir)` works
+        decoder.combined_pipeline(args, c).save_pretrained(args.output_dir)
+        log(f"saved the fine-tuned pipeline to {args.output_dir}")
+
     for epoch in loop.epochs():
         for batch in loop.micro_batches(epoch):
             with loop.accumulating():
-                loop.backward(decoder.loss(c, model, batch, args.snr_gamma, precision))
+                loop.backward(decoder.loss(c, loop.model, batch, args.snr_gamma, precision))
             loop.step_if_due()
-        if args.validation_prompts and ctx.is_main and validation.is_due(epoch, args.validation_epochs, loop):
+        if loop.validation_due(epoch):
             validate(loop.global_step)
-    loop.close()
-
-    # ---- save: the whole combined pipeline, so `KandinskyV22CombinedPipeline.from_pretrained(output_dir)` works
-    distributed.barrier(ctx)
-    if ctx.is_main:
-        if ema is not None:
-            ema.copy_to(trainable)
-        if args.validation_prompts:
-            validate(loop.global_step)
-        decoder.combined_pipeline(args, c).save_pretrained(args.output_dir)
-        log(f"saved the fine-tuned pipeline to {args.output_dir}")
-        if args.push_to_hub:
-            hub.upload(args, log)
-    tracker.close()
-    distributed.barrier(ctx)
+    loop.finish(save, validate)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,11 @@ def diffusion_target(noise_scheduler, clean, noise, timesteps):
 
 
 # ---------------------------------------------------------------- optimizer
-def build_optimizer(parameters, args, max_train_steps):
+def build_optimizer(parameters, args, sampler):
     from ppdiffusers.optimization import get_scheduler
 
+    max_train_steps = plan_steps(sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs,
+                                 args.max_train_steps)[1]
     # The schedule counts optimizer steps, the unit of --lr_warmup_steps and --max_train_steps.
     lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps)
@@ -187,28 +189,37 @@ def ema_weights(ema, parameters):
 class Loop:
     """Epochs, micro-batches and optimizer steps; the script computes the loss in between.
 
+        loop = Loop(...)                   # resumes, creates output_dir and the tracker
         for epoch in loop.epochs():
             for batch in loop.micro_batches(epoch):
                 with loop.accumulating():
-                    loss = ...             # forward on `batch`
-                    loop.backward(loss)
+                    loop.backward(loss)    # loss of `batch` with loop.model
                 loop.step_if_due()         # after a group's last micro-batch: step, EMA, log, checkpoint
+            if loop.validation_due(epoch):
+                ...
+        loop.finish(save, validate)
 
     Each micro-batch's loss is divided by the real size of its accumulation group; gradients are
     all-reduced on the group's last micro-batch only; the logged loss is the group's mean over all ranks.
     """
 
-    def __init__(self, args, ctx, model, trainable, optimizer, lr_scheduler, precision, ema, sampler, loader,
-                 checkpointer, tracker, log, max_train_steps, steps_per_epoch, num_epochs, global_step=0):
-        self.args, self.ctx, self.model, self.trainable = args, ctx, model, trainable
-        self.optimizer, self.lr_scheduler, self.precision, self.ema = optimizer, lr_scheduler, precision, ema
-        self.sampler, self.loader, self.checkpointer, self.tracker, self.log = sampler, loader, checkpointer, tracker, log
-        self.max_train_steps, self.steps_per_epoch, self.num_epochs = max_train_steps, steps_per_epoch, num_epochs
-        self.global_step = global_step
-        self._group, self._last, self._loss = 1, True, 0.0
-        from . import tracking
+    def __init__(self, args, run, model, trainable, optimizer, lr_scheduler, ema, sampler, loader, checkpointer,
+                 num_samples, note=""):
+        from . import distributed, tracking
 
-        self.bar = tracking.progress_bar(max_train_steps, global_step, ctx.is_main)
+        self.args, self.ctx, self.log, self.precision = args, run.ctx, run.log, run.precision
+        self.trainable, self.optimizer, self.lr_scheduler, self.ema = trainable, optimizer, lr_scheduler, ema
+        self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
+        self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
+            sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
+        self.global_step = checkpointer.resume(run, self.log)
+        self.model = distributed.wrap(model, self.ctx)
+        prepare_output_dir(args.output_dir, self.ctx, self.log)
+        self.tracker = tracking.Tracker(args, self.ctx.is_main)
+        self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
+                 f"per epoch, {self.max_train_steps} steps in all{note}")
+        self._group, self._last, self._loss = 1, True, 0.0
+        self.bar = tracking.progress_bar(self.max_train_steps, self.global_step, self.ctx.is_main)
 
     @property
     def done(self):
@@ -258,8 +269,31 @@ class Loop:
         if self.global_step % self.args.checkpointing_steps == 0 and self.ctx.is_main:
             self.log(f"saved {self.checkpointer.save(self.global_step)}")
 
-    def close(self):
+    def validation_due(self, epoch):
+        """After epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a prompt;
+        the end of training validates in finish()."""
+        from .validation import prompts
+
+        return bool(prompts(self.args)) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done
+
+    def finish(self, save, validate):
+        """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save()`, the upload
+        (if asked). Every rank waits for it, so none exits while rank 0 still writes."""
+        from . import distributed, hub
+        from .validation import prompts
+
         self.bar.close()
+        distributed.barrier(self.ctx)
+        if self.ctx.is_main:
+            if self.ema is not None:
+                self.ema.copy_to(self.trainable)
+            if prompts(self.args):
+                validate(self.global_step)
+            save()
+            if self.args.push_to_hub:
+                hub.upload(self.args, self.log)
+        self.tracker.close()
+        distributed.barrier(self.ctx)
 
 
 # ---------------------------------------------------------------- start-up

@@ -21,18 +21,21 @@ def generate(pipe, prompts, num_images_per_prompt, resolution, seed, output_dir,
     return folder
 
 
-def run(pipe, trained_models, prompts, num_images_per_prompt, args, seed, step, tracker, log):
+def prompts(args):
+    """--validation_prompts (full scripts, several) or --validation_prompt (LoRA scripts, one); [] if none."""
+    many = getattr(args, "validation_prompts", None)
+    one = getattr(args, "validation_prompt", None)
+    return list(many) if many else [one] if one else []
+
+
+def run(pipe, trained_models, args, seed, step, tracker, log):
     """Validation with `pipe`, the `trained_models` in it switched to eval mode for the while."""
     for m in trained_models:
         m.eval()
     try:
-        folder = generate(pipe, prompts, num_images_per_prompt, args.resolution, seed, args.output_dir, step, tracker)
+        folder = generate(pipe, prompts(args), getattr(args, "num_validation_images", 1), args.resolution, seed,
+                          args.output_dir, step, tracker)
     finally:
         for m in trained_models:
             m.train()
     log(f"validation images: {folder}")
-
-
-def is_due(epoch, every, loop):
-    """After epochs 0, every, 2*every, ... (counting from 0); the end of training validates on its own."""
-    return epoch % every == 0 and not loop.done
