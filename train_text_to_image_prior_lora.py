@@ -29,6 +29,8 @@ def main(argv=None):
 
     # ---- data: each sample brings its own caption pick, noise and timestep (see data.py)
     ds = data.load_train_dataset(args, run.seed, [args.image_column, args.caption_column])
+    if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
+        ds = prior.cached_dataset(ds, args, c, run)
     sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed)
 
     # ---- optimizer over the LoRA parameters only, checkpoints; the loop resumes and runs
@@ -53,8 +55,7 @@ def main(argv=None):
             with loop.accumulating():
                 loop.backward(prior.loss(c, loop.model, batch, args.snr_gamma, precision))
             loop.step_if_due()
-        if loop.validation_due(epoch):
-            validate(loop.global_step)
+        loop.validate_if_due(epoch, validate)
     loop.finish(save, validate)
 
 

@@ -89,29 +89,55 @@ def check_images(ds, column, source):
             raise UsageError(f"unreadable image {name} (row {row} of {source!r}): {_first_line(e)}") from None
 
 
-def pick_caption(caption, rng, row):
-    """A caption is a string or a list of strings, of which one is picked at random."""
+def captions_of(caption, row):
+    """A caption cell as (list of captions, whether the cell was a list): a string, or a non-empty list of strings."""
     if isinstance(caption, str):
-        return caption
+        return [caption], False
     if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
-        return caption[int(rng.integers(len(caption)))]
+        return list(caption), True
     raise ValueError(f"row {row}: a caption must be a string or a non-empty list of strings, got {caption!r}")
 
 
-def square_crop_resize(image, resolution, center, rng, flip):
-    """Crop a square (at the centre, or at random), resize it to `resolution`, maybe flip it: PIL in, PIL out."""
-    image = image.convert("RGB")
-    w, h = image.size
+def caption_index(count, is_list, rng):
+    """Which caption of a cell a step uses: a list's is drawn at random (one draw, even for a list of one)."""
+    return int(rng.integers(count)) if is_list else 0
+
+
+def pick_caption(caption, rng, row):
+    captions, is_list = captions_of(caption, row)
+    return captions[caption_index(len(captions), is_list, rng)]
+
+
+def all_square(ds, column):
+    """Whether every image is square (read from the file headers): a random square crop is then the whole image."""
+    import datasets
+
+    for item in ds.cast_column(column, datasets.Image(decode=False))[column]:
+        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as im:
+            if im.size[0] != im.size[1]:
+                return False
+    return True
+
+
+def draw_view(rng, size, center, flip):
+    """The random part of the decoder's augmentation: (left, top, side, flipped) of the square taken from an
+    image of `size` (w, h). Drawn in a fixed order, so a cached sample draws the same numbers as a live one."""
+    w, h = size
     side = min(w, h)
     if center:
         left, top = (w - side) // 2, (h - side) // 2
     else:
         left, top = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
-    image = image.crop((left, top, left + side, top + side))
+    flipped = bool(flip and rng.random() < 0.5)
+    return left, top, side, flipped
+
+
+def apply_view(image, view, resolution):
+    """Crop the square of `view`, resize it to `resolution`, maybe flip it: PIL in (any mode), RGB PIL out."""
+    left, top, side, flipped = view
+    image = image.convert("RGB").crop((left, top, left + side, top + side))
     image = image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return image
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flipped else image
 
 
 def to_movq_input(image):

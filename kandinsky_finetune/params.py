@@ -55,6 +55,10 @@ def build_parser(description, lora=False):
       help="Min-SNR weighting gamma (5.0 is recommended); unset means plain MSE.")
     a("--use_8bit_adam", action="store_true", help="Not available in Paddle: the script exits with an explanation.")
     a("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere or newer GPUs.")
+    a("--cache_encoder_outputs", action="store_true",
+      help="Run the frozen encoders (CLIP image/text encoders, MoVQ) once over the dataset and keep their outputs on "
+           "disk in the datasets cache; later steps, epochs and runs with the same models, data and preprocessing "
+           "reuse them instead of re-encoding every step.")
     a("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0 = in the main process).")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)

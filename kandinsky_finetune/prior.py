@@ -46,35 +46,95 @@ def load_components(args, precision, needs_decoder):
     return c
 
 
+def tokenize(c, captions):
+    tokens = c.tokenizer(captions, max_length=c.tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_attention_mask=True)
+    return np.asarray(tokens["input_ids"], dtype="int64"), np.asarray(tokens["attention_mask"], dtype="bool")
+
+
+def encode(c, precision, text_input_ids, clip_pixel_values):
+    """The frozen encoders' outputs: (text_embeds, text last_hidden_state, CLIP image_embeds), in float32."""
+    with paddle.no_grad(), precision.autocast():
+        text = c.text_encoder(training.as_tensor(text_input_ids))
+        image_embeds = c.image_encoder(training.as_tensor(clip_pixel_values)).image_embeds
+    return text.text_embeds.cast("float32"), text.last_hidden_state.cast("float32"), image_embeds.cast("float32")
+
+
+def cached_dataset(ds, args, c, run):
+    """--cache_encoder_outputs: ds's images and captions replaced by the encoders' outputs, for every caption of
+    a row (so the random pick among a list still happens per step). The text encoder's hidden states are kept
+    up to each caption's length only: the prior never attends to padding (its mask), so zeros restore it exactly."""
+    import datasets
+
+    from . import cache
+
+    def encode_batch(batch):
+        cells = [data.captions_of(cell, row) for row, cell in enumerate(batch[args.caption_column])]
+        flat = [caption for captions, _ in cells for caption in captions]
+        ids, mask = tokenize(c, flat)
+        pixels = np.stack([data.clip_input(c.image_processor, image.convert("RGB")) for image in batch[args.image_column]])
+        text_embeds, hidden, image_embeds = (t.numpy() for t in encode(c, run.precision, ids, pixels))
+        lengths = mask.sum(axis=1)
+        out = {"image_embeds": list(image_embeds), "caption_is_list": [], "text_embeds": [], "text_hidden": [],
+               "text_length": []}
+        start = 0
+        for captions, is_list in cells:
+            rows = range(start, start + len(captions))
+            start += len(captions)
+            out["caption_is_list"].append(is_list)
+            out["text_embeds"].append(text_embeds[rows.start:rows.stop].reshape(-1))
+            out["text_hidden"].append(np.concatenate([hidden[i, :lengths[i]].reshape(-1) for i in rows]))
+            out["text_length"].append(lengths[rows.start:rows.stop].astype("int32"))
+        return out
+
+    floats = datasets.Sequence(datasets.Value("float32"))
+    features = datasets.Features({"image_embeds": floats, "caption_is_list": datasets.Value("bool"),
+                                  "text_embeds": floats, "text_hidden": floats,
+                                  "text_length": datasets.Sequence(datasets.Value("int32"))})
+    key = ["prior", args.image_column, args.caption_column, cache.model_fingerprint(c.image_encoder),
+           cache.model_fingerprint(c.text_encoder), c.image_processor.to_dict(),
+           cache.fingerprint(sorted(c.tokenizer.get_vocab().items()), c.tokenizer.model_max_length),
+           run.precision.dtype, paddle.get_device().split(":")[0]]
+    return cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
+
+
 def sample_maker(args, c):
-    """make_sample(example, rng, row) for data.TrainSet: a caption pick, tokens, CLIP input, noise, timestep."""
+    """make_sample(example, rng, row) for data.TrainSet: a caption pick, the encoders' inputs (or their cached
+    outputs), noise, timestep. Both paths draw the same random numbers in the same order."""
     embed_dim = c.prior.config.embedding_dim
     num_timesteps = c.noise_scheduler.config.num_train_timesteps
+    max_length = c.tokenizer.model_max_length
 
     def make_sample(example, rng, row):
-        caption = data.pick_caption(example[args.caption_column], rng, row)
-        tokens = c.tokenizer(caption, max_length=c.tokenizer.model_max_length, padding="max_length", truncation=True,
-                             return_attention_mask=True)
-        return {"text_input_ids": np.asarray(tokens["input_ids"], dtype="int64"),
-                "text_mask": np.asarray(tokens["attention_mask"], dtype="bool"),
-                "clip_pixel_values": data.clip_input(c.image_processor, example[args.image_column].convert("RGB")),
-                "noise": rng.standard_normal(embed_dim, dtype="float32"), "timestep": rng.integers(num_timesteps)}
+        if "text_hidden" in example:  # cached
+            lengths = example["text_length"]
+            k = data.caption_index(len(lengths), bool(example["caption_is_list"]), rng)
+            start = int(lengths[:k].sum()) * embed_dim
+            hidden = np.zeros((max_length, embed_dim), dtype="float32")
+            hidden[:lengths[k]] = example["text_hidden"][start:start + lengths[k] * embed_dim].reshape(-1, embed_dim)
+            inputs = {"text_embeds": example["text_embeds"][k * embed_dim:(k + 1) * embed_dim], "text_hidden": hidden,
+                      "text_mask": np.arange(max_length) < lengths[k], "image_embeds": example["image_embeds"]}
+        else:
+            ids, mask = tokenize(c, data.pick_caption(example[args.caption_column], rng, row))
+            inputs = {"text_input_ids": ids, "text_mask": mask,
+                      "clip_pixel_values": data.clip_input(c.image_processor, example[args.image_column].convert("RGB"))}
+        return {**inputs, "noise": rng.standard_normal(embed_dim, dtype="float32"), "timestep": rng.integers(num_timesteps)}
 
     return make_sample
 
 
 def loss(c, model, batch, snr_gamma, precision):
     """The training loss of `model` (the prior, possibly wrapped) on one micro-batch."""
-    with paddle.no_grad(), precision.autocast():
-        text = c.text_encoder(batch["text_input_ids"])
-        image_embeds = c.image_encoder(batch["clip_pixel_values"]).image_embeds.cast("float32")
-        image_embeds = (image_embeds - c.clip_mean) / c.clip_std
+    if "image_embeds" in batch:
+        text_embeds, text_hidden, image_embeds = batch["text_embeds"], batch["text_hidden"], batch["image_embeds"]
+    else:
+        text_embeds, text_hidden, image_embeds = encode(c, precision, batch["text_input_ids"], batch["clip_pixel_values"])
+    image_embeds = (image_embeds - c.clip_mean) / c.clip_std
     noise, timesteps = batch["noise"], batch["timestep"]
     noisy_embeds = c.noise_scheduler.add_noise(image_embeds, noise, timesteps)
     target = training.diffusion_target(c.noise_scheduler, image_embeds, noise, timesteps)
     with precision.autocast():
-        pred = model(noisy_embeds, timestep=timesteps, proj_embedding=text.text_embeds,
-                     encoder_hidden_states=text.last_hidden_state,
+        pred = model(noisy_embeds, timestep=timesteps, proj_embedding=text_embeds, encoder_hidden_states=text_hidden,
                      attention_mask=batch["text_mask"]).predicted_image_embedding
     return training.diffusion_loss(pred, target, timesteps, c.noise_scheduler, snr_gamma)
 

@@ -2,9 +2,11 @@
 
 Only rank 0 logs; on other ranks every call here is a no-op.
 """
+import contextlib
 import logging
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -103,3 +105,54 @@ def progress_bar(total, initial, is_main):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="steps", disable=not is_main, dynamic_ncols=True)
+
+
+class Stopwatch:
+    """Where a run's wall time goes: start-up (from process start to the first training step, less encoding),
+    encoding (the encoder-output cache), training, validation and saving, plus the steady-state step rate.
+    `summary()` is one line at the end of every run; benchmarks/run.py reads it."""
+
+    WARMUP_STEPS = 3  # the first optimizer steps are slower (allocator, kernel selection): not steady state
+
+    def __init__(self):
+        import psutil
+
+        self.process_start = psutil.Process().create_time()
+        self.seconds, self.step_times, self.training_start, self.samples_per_step = {}, [], None, 0
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
+
+    def start_training(self):
+        self.training_start = time.time()
+
+    def stop_training(self):
+        """Training time is the loop's wall time less the validations inside it."""
+        self.seconds["training"] = time.time() - self.training_start - self.seconds.get("validation", 0.0)
+
+    def step_done(self):
+        self.step_times.append(time.time())
+
+    def steady_steps_per_second(self):
+        t = self.step_times[self.WARMUP_STEPS:] if len(self.step_times) > self.WARMUP_STEPS + 1 else self.step_times
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else float("nan")
+
+    def summary(self):
+        import resource
+
+        import paddle
+
+        startup = (self.training_start or time.time()) - self.process_start - self.seconds.get("encoding", 0.0)
+        rate = self.steady_steps_per_second()
+        phases = [f"start-up {startup:.1f} s"] + [f"{k} {v:.1f} s" for k, v in self.seconds.items()]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+        line = (f"time: {', '.join(phases)}; {rate:.3f} steps/s steady, {rate * self.samples_per_step:.2f} samples/s; "
+                f"peak RSS {peak:.0f} MB")
+        if "gpu" in paddle.get_device():
+            line += f", peak GPU memory {paddle.device.cuda.max_memory_allocated() / 2 ** 20:.0f} MB"
+        return line

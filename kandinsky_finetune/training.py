@@ -82,6 +82,11 @@ def build_optimizer(parameters, args, sampler):
     return optimizer, lr_scheduler
 
 
+def as_tensor(x):
+    """A loader's tensor as it is, a numpy array (the cache's encoding batches) as a tensor."""
+    return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
+
+
 def freeze(model):
     model.eval()
     for p in model.parameters():
@@ -195,8 +200,7 @@ class Loop:
                 with loop.accumulating():
                     loop.backward(loss)    # loss of `batch` with loop.model
                 loop.step_if_due()         # after a group's last micro-batch: step, EMA, log, checkpoint
-            if loop.validation_due(epoch):
-                ...
+            loop.validate_if_due(epoch, validate)
         loop.finish(save, validate)
 
     Each micro-batch's loss is divided by the real size of its accumulation group; gradients are
@@ -207,7 +211,7 @@ class Loop:
                  num_samples, note=""):
         from . import distributed, tracking
 
-        self.args, self.ctx, self.log, self.precision = args, run.ctx, run.log, run.precision
+        self.args, self.ctx, self.log, self.precision, self.clock = args, run.ctx, run.log, run.precision, run.clock
         self.trainable, self.optimizer, self.lr_scheduler, self.ema = trainable, optimizer, lr_scheduler, ema
         self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
         self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
@@ -219,6 +223,7 @@ class Loop:
         self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
                  f"per epoch, {self.max_train_steps} steps in all{note}")
         self._group, self._last, self._loss = 1, True, 0.0
+        self.clock.samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * self.ctx.world_size
         self.bar = tracking.progress_bar(self.max_train_steps, self.global_step, self.ctx.is_main)
 
     @property
@@ -226,6 +231,7 @@ class Loop:
         return self.global_step >= self.max_train_steps
 
     def epochs(self):
+        self.clock.start_training()
         for epoch in range(self.global_step // self.steps_per_epoch, self.num_epochs):
             if self.done:
                 return
@@ -261,6 +267,7 @@ class Loop:
         if self.ema is not None:
             self.ema.step(self.trainable)
         self.global_step += 1
+        self.clock.step_done()
         logged = {"train_loss": mean_across_ranks(self._loss, self.ctx), "lr": self.lr_scheduler.get_lr()}
         self._loss = 0.0
         self.tracker.scalars(logged, self.global_step)
@@ -269,12 +276,14 @@ class Loop:
         if self.global_step % self.args.checkpointing_steps == 0 and self.ctx.is_main:
             self.log(f"saved {self.checkpointer.save(self.global_step)}")
 
-    def validation_due(self, epoch):
-        """After epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a prompt;
-        the end of training validates in finish()."""
+    def validate_if_due(self, epoch, validate):
+        """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a
+        prompt; the end of training validates in finish()."""
         from .validation import prompts
 
-        return bool(prompts(self.args)) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done
+        if prompts(self.args) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done:
+            with self.clock.phase("validation"):
+                validate(self.global_step)
 
     def finish(self, save, validate):
         """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save()`, the upload
@@ -283,17 +292,21 @@ class Loop:
         from .validation import prompts
 
         self.bar.close()
+        self.clock.stop_training()
         distributed.barrier(self.ctx)
         if self.ctx.is_main:
             if self.ema is not None:
                 self.ema.copy_to(self.trainable)
             if prompts(self.args):
-                validate(self.global_step)
-            save()
+                with self.clock.phase("validation"):
+                    validate(self.global_step)
+            with self.clock.phase("saving"):
+                save()
             if self.args.push_to_hub:
                 hub.upload(self.args, self.log)
         self.tracker.close()
         distributed.barrier(self.ctx)
+        self.log(self.clock.summary())
 
 
 # ---------------------------------------------------------------- start-up
@@ -304,6 +317,7 @@ def start_run(args):
 
     from . import checkpoint, distributed, tracking
 
+    clock = tracking.Stopwatch()
     tracking.quiet_libraries()
     ctx = distributed.setup(args.local_rank)
     log = tracking.Log(ctx.is_main)
@@ -320,7 +334,7 @@ def start_run(args):
         seed = resume_state["seed"]
     paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
     return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
-                           resume_state=resume_state)
+                           resume_state=resume_state, clock=clock)
 
 
 def prepare_output_dir(output_dir, ctx, log):

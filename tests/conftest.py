@@ -29,15 +29,16 @@ def model_args(tiny, output_dir, *extra):
             "--output_dir", str(output_dir), *map(str, extra)]
 
 
-def run(cmd, cwd=ROOT, check=True, timeout=900):
-    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+def run(cmd, cwd=ROOT, check=True, timeout=900, env=None):
+    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def run_script(script, *args, check=True, cwd=ROOT):
-    return run([sys.executable, "-u", str(ROOT / script), *map(str, args)], cwd=cwd, check=check)
+def run_script(script, *args, check=True, cwd=ROOT, env=None):
+    return run([sys.executable, "-u", str(ROOT / script), *map(str, args)], cwd=cwd, check=check, env=env)
 
 
 def logged(output_dir, tag="train_loss"):
