@@ -33,6 +33,7 @@ def load_components(args, precision):
     c.factor = models.movq_downscale_factor(c.movq)
     models.check_resolution(args.resolution, c.factor, "training images")
     precision.cast_frozen(c.image_encoder, c.movq)
+    models.skip_fp32_upcasts(precision, c.unet, c.movq)
     return c
 
 

@@ -43,6 +43,7 @@ def load_components(args, precision, needs_decoder):
     c.prior.clip_mean.stop_gradient = c.prior.clip_std.stop_gradient = True
     c.clip_mean, c.clip_std = c.prior.clip_mean.detach(), c.prior.clip_std.detach()
     precision.cast_frozen(c.image_encoder, c.text_encoder)
+    models.skip_fp32_upcasts(precision, c.prior)
     return c
 
 

@@ -143,14 +143,26 @@ class Precision:
 
 
 def memory_efficient_attention(model, wanted, log):
-    """--enable_xformers_memory_efficient_attention: ppdiffusers' memory-efficient attention kernels (GPU only)."""
+    """--enable_xformers_memory_efficient_attention: Paddle's memory-efficient scaled-dot-product attention, where
+    this device and build have it (ppdiffusers checks by running the kernel once)."""
+    from ppdiffusers.utils import is_ppxformers_available
+
     if not wanted:
         return
-    if on_gpu():
+    if is_ppxformers_available():
         model.enable_xformers_memory_efficient_attention()
     else:
-        log.warn("--enable_xformers_memory_efficient_attention needs a GPU; using standard attention on "
-                 + paddle.get_device())
+        log.warn("--enable_xformers_memory_efficient_attention: Paddle's memory-efficient attention is not available "
+                 f"on {paddle.get_device()} with this Paddle build; using standard attention")
+
+
+def use_cpu_cores(ctx):
+    """Paddle's CPU kernels run on one thread unless told otherwise: give each process on this machine its share of
+    the cores (an OMP_NUM_THREADS set by the user wins)."""
+    if on_gpu() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", ctx.world_size))
+    paddle.base.core.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
 def configure_tf32(allow_tf32, log):
@@ -320,6 +332,7 @@ def start_run(args):
     clock = tracking.Stopwatch()
     tracking.quiet_libraries()
     ctx = distributed.setup(args.local_rank)
+    use_cpu_cores(ctx)
     log = tracking.Log(ctx.is_main)
     tracking.check_available(args.report_to)
     configure_tf32(args.allow_tf32, log)
