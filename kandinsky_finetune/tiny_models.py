@@ -47,7 +47,8 @@ def write_tokenizer(path, max_length=77):
 
 
 def build_tiny_kandinsky(out_dir, seed=0, embed_dim=32, image_size=32, prior_layers=2, prior_heads=2, prior_head_dim=16,
-                         unet_channels=(8, 16, 32), movq_channels=(8, 8, 8, 8), text_layers=2, vision_layers=2):
+                         unet_channels=(8, 16, 32), movq_channels=(8, 8, 8, 8), text_layers=2, vision_layers=2,
+                         vision_hidden=None):
     """Write `out_dir/prior` and `out_dir/decoder`; return their paths.
 
     Sized so that the pipelines' default call (512x512, 25 prior + 100 decoder steps) takes seconds on a CPU:
@@ -76,8 +77,9 @@ def build_tiny_kandinsky(out_dir, seed=0, embed_dim=32, image_size=32, prior_lay
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
     text_encoder.save_pretrained(os.path.join(prior_dir, "text_encoder"))
 
+    vision_hidden = vision_hidden or embed_dim  # the text encoder's width is the prior's; the vision tower's is free
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=embed_dim, intermediate_size=2 * embed_dim, projection_dim=embed_dim,
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, projection_dim=embed_dim,
         num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size, patch_size=4))
     image_encoder.save_pretrained(os.path.join(prior_dir, "image_encoder"))
 
