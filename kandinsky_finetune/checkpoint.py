@@ -81,7 +81,16 @@ class Checkpointer:
         return step
 
     def restore(self, path, state):
-        """Load weights and training state from checkpoint `path`; return the step it was taken at."""
+        """Load weights and training state from checkpoint `path`; return the step it was taken at. A checkpoint
+        of another model or LoRA rank is one clear error, not a shape error from deep inside paddle."""
+        try:
+            return self._restore(path, state)
+        except (ValueError, KeyError, AssertionError, RuntimeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UsageError(f"--resume_from_checkpoint: {path} does not fit this run ({reason}); resume with the "
+                             "model, --lora_rank and options it was written with") from None
+
+    def _restore(self, path, state):
         self.load_weights(path)
         self.optimizer.set_state_dict(state["optimizer"])
         self.lr_scheduler.set_state_dict(state["lr_scheduler"])
@@ -131,6 +140,10 @@ def load_state(path):
 def load_weights_into(model, folder):
     """Copy the weights saved by `save_pretrained` in `folder` into the live `model` (keeps its parameters,
     so the optimizer's references stay valid)."""
-    saved = type(model).from_pretrained(folder)
-    model.set_state_dict(saved.state_dict())
-    del saved
+    saved = type(model).from_pretrained(folder).state_dict()
+    live = model.state_dict()
+    for key, tensor in live.items():
+        if key not in saved or list(saved[key].shape) != list(tensor.shape):
+            found = list(saved[key].shape) if key in saved else "missing"
+            raise ValueError(f"{key}: {found} in the checkpoint, {list(tensor.shape)} in the model")
+    model.set_state_dict(saved)

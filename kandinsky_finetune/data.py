@@ -79,8 +79,7 @@ def check_images(ds, column, source):
     feature = ds.features[column]
     if not isinstance(feature, datasets.Image):
         raise UsageError(f"column {column!r} of dataset {source!r} holds {feature}, not images (--image_column)")
-    raw = ds.cast_column(column, datasets.Image(decode=False))
-    for row, item in enumerate(raw[column]):
+    for row, item in enumerate(_undecoded(ds, column)):
         name = item.get("path") or f"row {row}"
         try:
             with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as im:
@@ -103,6 +102,15 @@ def caption_index(count, is_list, rng):
     return int(rng.integers(count)) if is_list else 0
 
 
+def _undecoded(ds, column, batch_size=256):
+    """The column's images as {"bytes", "path"} items, a batch at a time (never the whole dataset in memory)."""
+    import datasets
+
+    raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    for batch in raw.iter(batch_size=batch_size):
+        yield from batch[column]
+
+
 def pick_caption(caption, rng, row):
     captions, is_list = captions_of(caption, row)
     return captions[caption_index(len(captions), is_list, rng)]
@@ -110,9 +118,7 @@ def pick_caption(caption, rng, row):
 
 def all_square(ds, column):
     """Whether every image is square (read from the file headers): a random square crop is then the whole image."""
-    import datasets
-
-    for item in ds.cast_column(column, datasets.Image(decode=False))[column]:
+    for item in _undecoded(ds, column):
         with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as im:
             if im.size[0] != im.size[1]:
                 return False

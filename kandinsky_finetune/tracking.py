@@ -48,6 +48,7 @@ class Tracker:
         if not is_main:
             return
         logdir = os.path.join(args.output_dir, args.logging_dir, args.tracker_project_name)
+        os.makedirs(logdir, exist_ok=True)  # wandb falls back to /tmp when its dir does not exist
         if self.kind == "visualdl":
             from visualdl import LogWriter
 

@@ -112,6 +112,7 @@ class Precision:
             raise UsageError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16")
         self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(mode) if self.enabled else "float32"
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if self.enabled and mode == "fp16" else None
+        self._cast = []
 
     def autocast(self):
         if not self.enabled:
@@ -123,6 +124,12 @@ class Precision:
         if self.enabled:
             for m in models:
                 m.to(dtype=self.dtype)
+                self._cast.append(m)
+
+    def frozen_back_to_fp32(self):
+        """At the end of training: the frozen models that were cast are saved as they were loaded, in fp32."""
+        for m in self._cast:
+            m.to(dtype="float32")
 
     def backward(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -166,17 +173,14 @@ def use_cpu_cores(ctx):
 
 
 def configure_tf32(allow_tf32, log):
-    """Like the references: TF32 matmuls only with --allow_tf32. Paddle's GPU build enables TF32 by default
-    on Ampere and newer; NVIDIA_TF32_OVERRIDE=0 (read when cuBLAS/cuDNN start) turns it off."""
+    """Like the references: TF32 matmuls and convolutions only with --allow_tf32 (Paddle's GPU build allows TF32
+    in cuBLAS by default). Paddle's own switches, set before any GPU kernel runs."""
     if not on_gpu():
         if allow_tf32:
             log.warn("--allow_tf32 only affects NVIDIA GPUs; ignored on " + paddle.get_device())
         return
-    if not allow_tf32:
-        os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
-    elif os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
-        del os.environ["NVIDIA_TF32_OVERRIDE"]
-
+    paddle.base.core.set_cublas_switch(allow_tf32)
+    paddle.base.core.set_cudnn_switch(allow_tf32)
 
 
 # ---------------------------------------------------------------- EMA
@@ -294,7 +298,7 @@ class Loop:
         from .validation import prompts
 
         if prompts(self.args) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done:
-            with self.clock.phase("validation"):
+            with self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be in half precision
                 validate(self.global_step)
 
     def finish(self, save, validate):
@@ -310,8 +314,9 @@ class Loop:
             if self.ema is not None:
                 self.ema.copy_to(self.trainable)
             if prompts(self.args):
-                with self.clock.phase("validation"):
+                with self.clock.phase("validation"), self.precision.autocast():
                     validate(self.global_step)
+            self.precision.frozen_back_to_fp32()
             with self.clock.phase("saving"):
                 save()
             if self.args.push_to_hub:
@@ -335,6 +340,10 @@ def start_run(args):
     use_cpu_cores(ctx)
     log = tracking.Log(ctx.is_main)
     tracking.check_available(args.report_to)
+    if args.push_to_hub and ctx.is_main:
+        from . import hub
+
+        hub.check_access(args)
     configure_tf32(args.allow_tf32, log)
     precision = Precision(args.mixed_precision, log)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
