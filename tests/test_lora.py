@@ -1,7 +1,7 @@
 """The LoRA scripts: the base model stays frozen, only LoRA layers (all attention projections, the decoder's
 added key/value ones included) get gradients and train, the loss falls, and the saved file loads with
 `load_attn_procs` into a model that computes exactly what the trained one did. Validation runs after epoch 0,
-every --validation_epochs and at the end without reloading the frozen models."""
+every --validation_epochs and at the end without reloading the frozen models; old checkpoints are rotated out."""
 import os
 
 import numpy as np
@@ -72,8 +72,8 @@ def train_in_process(script, tiny, out, rank_flag="--lora_rank"):
 
         monkeypatch.setattr(lora, "add_lora", spy_add_lora)
         script.main(model_args(tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 3e-2,
-                               "--lr_warmup_steps", 0, rank_flag, 8, "--checkpointing_steps", 20,
-                               "--validation_prompt", "a red picture",
+                               "--lr_warmup_steps", 0, rank_flag, 8, "--checkpointing_steps", 10,
+                               "--checkpoints_total_limit", 2, "--validation_prompt", "a red picture",
                                "--validation_epochs", 10, "--num_validation_images", 1))
     return spy
 
@@ -183,7 +183,8 @@ def test_lora_file_is_small_and_checkpoints_hold_it(run_name, request):
     size = os.path.getsize(out / lora.WEIGHTS_NAME)
     print(f"{run_name}: {lora.WEIGHTS_NAME} is {size / 1e3:.1f} kB at rank 8")
     assert size < 200_000
-    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-20", "checkpoint-40"]
+    # checkpoints at steps 10, 20, 30, 40; --checkpoints_total_limit 2 keeps the last two
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-30", "checkpoint-40"]
     assert sorted(os.listdir(out / "checkpoint-40")) == [lora.WEIGHTS_NAME, "training_state.pdparams"]
 
 
