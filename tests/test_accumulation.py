@@ -1,22 +1,53 @@
-"""Gradient accumulation is exact: one step on a batch of 4 equals one step of 4 accumulated batches of 1,
-and the logged loss is the mean over the micro-batches."""
+"""Gradient accumulation and averaging are exact: one step on a batch of 4 equals one step of 4 accumulated
+batches of 1, and one step of 2 processes with a batch of 2 each (the gradient is averaged across ranks, not
+summed); the logged loss is the mean over the micro-batches (and the ranks)."""
+import sys
+
 import numpy as np
+import pytest
 
-from conftest import logged, model_args, run_script, state_dict_of
+from conftest import ROOT, logged, model_args, run, run_script, state_dict_of
+
+# A huge Adam epsilon makes the first update lr * g / eps, linear in the gradient, so a wrongly scaled
+# accumulated (or all-reduced) gradient shows (plain Adam's first step is scale-free); no clipping for the same reason.
+COMMON = ["--max_train_steps", 1, "--checkpointing_steps", 1, "--learning_rate", 100, "--adam_epsilon", 100,
+          "--max_grad_norm", 0, "--lr_warmup_steps", 0, "--max_train_samples", 4]
 
 
-def test_batch_of_4_equals_4_accumulated_batches_of_1(tiny, tmp_path):
-    # A huge Adam epsilon makes the first update lr * g / eps, linear in the gradient, so a wrongly scaled
-    # accumulated gradient shows (plain Adam's first step is scale-free); no clipping for the same reason.
-    common = ["--max_train_steps", 1, "--checkpointing_steps", 1, "--learning_rate", 100, "--adam_epsilon", 100,
-              "--max_grad_norm", 0, "--lr_warmup_steps", 0, "--max_train_samples", 4]
-    run_script("train_text_to_image_prior.py", *model_args(tiny, tmp_path / "b4", *common, "--train_batch_size", 4))
-    run_script("train_text_to_image_prior.py", *model_args(
-        tiny, tmp_path / "b1x4", *common, "--train_batch_size", 1, "--gradient_accumulation_steps", 4))
+@pytest.fixture(scope="module")
+def batch_of_4(tiny, tmp_path_factory):
+    """One step of the prior on the same 4 samples in one batch of 4, shared by the tests below."""
+    out = tmp_path_factory.mktemp("b4") / "out"
+    run_script("train_text_to_image_prior.py", *model_args(tiny, out, *COMMON, "--train_batch_size", 4))
+    return out
+
+
+def assert_same_step(tiny, reference, other):
+    """`other` made the same (non-trivial) update as `reference`, up to float noise relative to the step size."""
     start = state_dict_of(f"{tiny.prior}/prior")
-    a, b = state_dict_of(tmp_path / "b4" / "prior"), state_dict_of(tmp_path / "b1x4" / "prior")
+    a, b = state_dict_of(reference / "prior"), state_dict_of(other / "prior")
     moved = max(np.abs(a[k] - start[k]).max() for k in a)
     assert moved > 1e-4  # the step did change the weights
     diff = max(np.abs(a[k] - b[k]).max() for k in a)
-    assert diff < 1e-3 * moved, f"accumulated step differs by {diff} (step size {moved})"
-    np.testing.assert_allclose(logged(tmp_path / "b4"), logged(tmp_path / "b1x4"), rtol=1e-5)
+    assert diff < 1e-3 * moved, f"step differs by {diff} (step size {moved})"
+    np.testing.assert_allclose(logged(reference), logged(other), rtol=1e-5)
+
+
+def test_batch_of_4_equals_4_accumulated_batches_of_1(tiny, tmp_path, batch_of_4):
+    run_script("train_text_to_image_prior.py", *model_args(
+        tiny, tmp_path / "b1x4", *COMMON, "--train_batch_size", 1, "--gradient_accumulation_steps", 4))
+    assert_same_step(tiny, batch_of_4, tmp_path / "b1x4")
+
+
+def test_batch_of_4_equals_2_processes_with_batches_of_2(tiny, tmp_path, batch_of_4):
+    # each rank takes 2 of the 4 samples (same per-sample noise and timesteps, see data.py); DataParallel
+    # all-reduces the gradients, and the step must use their mean: a sum would make a step twice as long
+    out = tmp_path / "b2x2"
+    proc = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                str(tmp_path / "log"), str(ROOT / "train_text_to_image_prior.py"),
+                *model_args(tiny, out, *COMMON, "--train_batch_size", 2)],
+               cwd=tmp_path, check=False, env={"HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + "".join(
+        (tmp_path / "log" / f"workerlog.{r}").read_text()[-2000:] for r in (0, 1) if (tmp_path / "log").is_dir())
+    assert "2 process(es)" in (tmp_path / "log" / "workerlog.0").read_text()
+    assert_same_step(tiny, batch_of_4, out)

@@ -6,7 +6,9 @@ import sys
 import pytest
 
 import train_text_to_image_decoder
+import train_text_to_image_decoder_lora
 import train_text_to_image_prior
+import train_text_to_image_prior_lora
 from conftest import ROOT, model_args, run
 from kandinsky_finetune.params import UsageError
 
@@ -69,7 +71,9 @@ def with_overrides(args, overrides):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
-@pytest.mark.parametrize("script", [train_text_to_image_prior, train_text_to_image_decoder], ids=["prior", "decoder"])
+@pytest.mark.parametrize("script", [train_text_to_image_prior, train_text_to_image_decoder,
+                                    train_text_to_image_prior_lora, train_text_to_image_decoder_lora],
+                         ids=["prior", "decoder", "prior_lora", "decoder_lora"])
 def test_bad_input_is_one_clear_error_before_training(tiny, tmp_path, script, case):
     overrides, expected = case(tiny, tmp_path)
     out = tmp_path / "out"
@@ -80,26 +84,32 @@ def test_bad_input_is_one_clear_error_before_training(tiny, tmp_path, script, ca
     assert out.is_file() if case is case_output_dir_is_file else not out.exists()
 
 
-def test_prior_caption_problems(tiny, tmp_path):
+@pytest.mark.parametrize("script", [train_text_to_image_prior, train_text_to_image_prior_lora],
+                         ids=["prior", "prior_lora"])
+def test_prior_caption_problems(tiny, tmp_path, script):
     out = tmp_path / "out"
     with pytest.raises(UsageError, match="no column 'caption' \\(--caption_column\\)"):
-        train_text_to_image_prior.main(model_args(tiny, out, "--caption_column", "caption"))
+        script.main(model_args(tiny, out, "--caption_column", "caption"))
     data = copy_dataset(tiny, tmp_path)
     lines = (data / "metadata.jsonl").read_text().splitlines()
     lines[2] = lines[2].replace('["a blue picture"]', "[]")
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(UsageError, match="row 2: a caption must be a string or a non-empty list"):
-        train_text_to_image_prior.main(with_overrides(model_args(tiny, out), ["--train_data_dir", data]))
+        script.main(with_overrides(model_args(tiny, out), ["--train_data_dir", data]))
     assert not out.exists()
 
 
-def test_resolution_not_multiple_of_movq_factor(tiny, tmp_path):
+@pytest.mark.parametrize("decoder_script,prior_script,prompt_flag", [
+    (train_text_to_image_decoder, train_text_to_image_prior, "--validation_prompts"),
+    (train_text_to_image_decoder_lora, train_text_to_image_prior_lora, "--validation_prompt"),
+], ids=["full", "lora"])
+def test_resolution_not_multiple_of_movq_factor(tiny, tmp_path, decoder_script, prior_script, prompt_flag):
     with pytest.raises(UsageError, match="--resolution 60 is not a multiple of the MoVQ downscale factor 8"):
-        train_text_to_image_decoder.main(with_overrides(model_args(tiny, tmp_path / "out"), ["--resolution", 60]))
+        decoder_script.main(with_overrides(model_args(tiny, tmp_path / "out"), ["--resolution", 60]))
     # the prior uses --resolution for its validation images, made by the decoder
     with pytest.raises(UsageError, match="--resolution 60 is not a multiple of the MoVQ downscale factor 8"):
-        train_text_to_image_prior.main(with_overrides(model_args(tiny, tmp_path / "out"),
-                                                      ["--resolution", 60, "--validation_prompts", "a cat"]))
+        prior_script.main(with_overrides(model_args(tiny, tmp_path / "out"),
+                                         ["--resolution", 60, prompt_flag, "a cat"]))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,9 +1,21 @@
 """The sampler shards and reshuffles per epoch, resumes mid-epoch, and a sample's random draws depend only
-on (seed, epoch, row), never on batching."""
+on (seed, epoch, row), never on batching. Images in any mode (grey, with alpha, palette, CMYK JPEG) become RGB
+for the MoVQ and CLIP encoders, and a dataset of such images trains."""
+import io
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from kandinsky_finetune.data import ShardedBatchSampler, pick_caption, sample_rng
+from conftest import ROOT, logged, model_args, run, state_dict_of
+from kandinsky_finetune import decoder, prior
+from kandinsky_finetune.data import (ShardedBatchSampler, apply_view, clip_input, pick_caption, sample_rng,
+                                     to_movq_input)
 
 
 def epoch_rows(sampler, epoch, skip=0):
@@ -43,3 +55,110 @@ def test_captions_string_or_list_picked_at_random():
     assert picks == {"a", "b", "c"}
     with pytest.raises(ValueError, match="row 7"):
         pick_caption(None, np.random.default_rng(0), 7)
+
+
+# ---------------------------------------------------------------- image modes
+MODES = {"L": "PNG", "RGBA": "PNG", "P": "PNG", "CMYK": "JPEG"}
+
+
+def picture(size=(64, 48)):
+    """An RGB picture with three colours, so a wrong channel order or a dropped channel shows."""
+    array = np.zeros((size[1], size[0], 3), np.uint8)
+    array[..., 0] = 200
+    array[10:, :20] = 255
+    array[:5, 30:] = [10, 90, 160]
+    return Image.fromarray(array)
+
+
+def encoded(image, mode):
+    """The file of `image` converted to `mode`: PNG, or JPEG for CMYK."""
+    converted = image.convert(mode)
+    if mode == "RGBA":
+        converted.putalpha(Image.linear_gradient("L").resize(image.size))  # not all opaque
+    buffer = io.BytesIO()
+    converted.save(buffer, format=MODES[mode])
+    return buffer.getvalue()
+
+
+def in_mode(image, mode):
+    """`image` converted to `mode` and read back from its file, as a dataset would."""
+    reopened = Image.open(io.BytesIO(encoded(image, mode)))
+    assert reopened.mode == mode
+    return reopened
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_apply_view_makes_rgb_from_any_mode(mode):
+    image = in_mode(picture(), mode)
+    view = (8, 0, 48, True)
+    out = apply_view(image, view, 32)
+    assert out.mode == "RGB" and out.size == (32, 32)
+    # the same pixels as converting to RGB first (alpha dropped, palette and CMYK mapped to RGB)
+    assert np.array_equal(np.asarray(out), np.asarray(apply_view(image.convert("RGB"), view, 32)))
+    movq_input = to_movq_input(out)
+    assert movq_input.shape == (3, 32, 32) and movq_input.dtype == np.float32
+    if mode == "L":  # grey: the three channels are equal
+        assert np.array_equal(movq_input[0], movq_input[1]) and np.array_equal(movq_input[1], movq_input[2])
+
+
+def fake_components(tiny):
+    """What prior/decoder.sample_maker read from the loaded components: the real image processor and tokenizer."""
+    from ppdiffusers.transformers import CLIPImageProcessor, CLIPTokenizer
+
+    config = SimpleNamespace  # a model's or scheduler's .config
+    return SimpleNamespace(
+        image_processor=CLIPImageProcessor.from_pretrained(os.path.join(tiny.prior, "image_processor")),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(tiny.prior, "tokenizer")),
+        noise_scheduler=SimpleNamespace(config=config(num_train_timesteps=1000)),
+        prior=SimpleNamespace(config=config(embedding_dim=32)), unet=SimpleNamespace(config=config(in_channels=4)),
+        factor=8)
+
+
+def test_training_samples_are_rgb_for_any_mode(tiny):
+    c = fake_components(tiny)
+    args = SimpleNamespace(image_column="image", caption_column="text", resolution=64, center_crop=True,
+                           random_flip=False, noise_offset=0.0)
+    make_prior, make_decoder = prior.sample_maker(args, c), decoder.sample_maker(args, c)
+    rgb = picture()
+    for mode in MODES:
+        image = in_mode(rgb, mode)
+        example = {"image": image, "text": "a red picture"}
+        clip = make_prior(example, sample_rng(0, 0, 0), 0)["clip_pixel_values"]
+        assert clip.shape == (3, 32, 32), mode  # the prior's CLIP image encoder input
+        np.testing.assert_array_equal(clip, clip_input(c.image_processor, image.convert("RGB")), err_msg=mode)
+        sample = make_decoder(example, sample_rng(0, 0, 0), 0)
+        assert sample["pixel_values"].shape == (3, 64, 64), mode  # MoVQ input
+        assert sample["clip_pixel_values"].shape == (3, 32, 32), mode
+
+
+def dataset_in_modes(tiny, folder):
+    """The first 4 tiny images, one per mode of MODES (the CMYK one a JPEG), with their captions."""
+    folder.mkdir()
+    rows = [json.loads(line) for line in open(os.path.join(tiny.data, "metadata.jsonl"))][:len(MODES)]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for row, (mode, fmt) in zip(rows, MODES.items()):
+            name = os.path.splitext(row["file_name"])[0] + (".jpg" if fmt == "JPEG" else ".png")
+            (folder / name).write_bytes(encoded(Image.open(os.path.join(tiny.data, row["file_name"])), mode))
+            assert Image.open(folder / name).mode == mode
+            f.write(json.dumps({**row, "file_name": name}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("script,model,extra", [
+    ("train_text_to_image_decoder.py", "unet", []),  # MoVQ and CLIP inputs made per step
+    ("train_text_to_image_prior.py", "prior", ["--cache_encoder_outputs"]),  # CLIP inputs made once, for the cache
+], ids=["decoder", "prior-cached"])
+def test_a_dataset_of_grey_alpha_palette_and_cmyk_images_trains(tiny, tmp_path, script, model, extra):
+    data = dataset_in_modes(tiny, tmp_path / "data")
+    out = tmp_path / "out"
+    # A subprocess with a time limit: a sample that fails to build hangs Paddle's single-process DataLoader
+    # (the exception kills its reader thread, the training loop waits forever) instead of failing.
+    args = model_args(tiny, out, "--cache_dir", tmp_path / "hf", "--max_train_steps", 1,
+                      "--train_batch_size", len(MODES), *extra)  # the one step sees all 4 images
+    args[args.index("--train_data_dir") + 1] = str(data)
+    proc = run([sys.executable, "-u", str(ROOT / script), *args], timeout=300)
+    if extra:
+        assert "encoder-output cache: encoded 4 samples here" in proc.stderr
+    losses = logged(out)
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert all(np.isfinite(v).all() for v in state_dict_of(out / model).values())

@@ -1,6 +1,7 @@
 """The LoRA scripts: the base model stays frozen, only LoRA layers (all attention projections, the decoder's
 added key/value ones included) get gradients and train, the loss falls, and the saved file loads with
-`load_attn_procs` into a model that computes exactly what the trained one did."""
+`load_attn_procs` into a model that computes exactly what the trained one did. Validation runs after epoch 0,
+every --validation_epochs and at the end without reloading the frozen models; old checkpoints are rotated out."""
 import os
 
 import numpy as np
@@ -10,19 +11,21 @@ import pytest
 import train_text_to_image_decoder_lora
 import train_text_to_image_prior_lora
 from conftest import logged, model_args, state_dict_of
-from kandinsky_finetune import lora, training
+from kandinsky_finetune import lora, models, training, validation
 
-STEPS = 40
+STEPS = 40  # 8 samples in batches of 4: 2 steps per epoch, 20 epochs
 
 
 class Spy:
-    """Watches one in-process training run: the optimizer, the gradients at each optimizer step, the trained model."""
+    """Watches one in-process training run: the optimizer, the gradients at each optimizer step, the trained model,
+    and how many components were loaded before training and at each validation."""
 
     def __init__(self, monkeypatch):
         self.grads_at_last_step, self.optimizer, self.model = None, None, None
         build_optimizer, step, save = training.build_optimizer, training.Precision.step, lora.save
 
         def spy_build_optimizer(parameters, *a, **k):
+            self.loads_before_training = self.loads
             self.optimizer, scheduler = build_optimizer(parameters, *a, **k)
             return self.optimizer, scheduler
 
@@ -37,43 +40,55 @@ class Spy:
                 self.model = model
             save(model, folder)
 
+        # how many components were loaded (from_pretrained) by then, at each validation
+        self.loads, self.loads_before_training, self.loads_at_validation = 0, None, []
+        load, validate = models.load, validation.run
+
+        def counting_load(*a, **k):
+            self.loads += 1
+            return load(*a, **k)
+
+        def spy_validate(*a, **k):
+            self.loads_at_validation.append(self.loads)
+            validate(*a, **k)
+
         monkeypatch.setattr(training, "build_optimizer", spy_build_optimizer)
         monkeypatch.setattr(training.Precision, "step", spy_step)
         monkeypatch.setattr(lora, "save", spy_save)
+        monkeypatch.setattr(models, "load", counting_load)
+        monkeypatch.setattr(validation, "run", spy_validate)
 
 
-def train_in_process(script, tiny, out, monkeypatch, rank_flag="--lora_rank"):
-    spy = Spy(monkeypatch)
-    spy.output_dir = str(out)
-    add_lora = lora.add_lora
+def train_in_process(script, tiny, out, rank_flag="--lora_rank"):
+    # the spies watch this run only: patched for its duration, so a later run's calls are not counted here
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        spy = Spy(monkeypatch)
+        spy.output_dir = str(out)
+        add_lora = lora.add_lora
 
-    def spy_add_lora(model, rank):
-        spy.model_ref = model
-        return add_lora(model, rank)
+        def spy_add_lora(model, rank):
+            spy.model_ref = model
+            return add_lora(model, rank)
 
-    monkeypatch.setattr(lora, "add_lora", spy_add_lora)
-    script.main(model_args(tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 3e-2,
-                           "--lr_warmup_steps", 0, rank_flag, 8, "--checkpointing_steps", 20))
+        monkeypatch.setattr(lora, "add_lora", spy_add_lora)
+        script.main(model_args(tiny, out, "--max_train_steps", STEPS, "--train_batch_size", 4, "--learning_rate", 3e-2,
+                               "--lr_warmup_steps", 0, rank_flag, 8, "--checkpointing_steps", 10,
+                               "--checkpoints_total_limit", 2, "--validation_prompt", "a red picture",
+                               "--validation_epochs", 10, "--num_validation_images", 1))
     return spy
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-@pytest.fixture(scope="module")
-def decoder_lora(tiny, tmp_path_factory, monkeypatch_module):
+def decoder_lora(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("decoder_lora") / "out"
-    return train_in_process(train_text_to_image_decoder_lora, tiny, out, monkeypatch_module), out
+    return train_in_process(train_text_to_image_decoder_lora, tiny, out), out
 
 
 @pytest.fixture(scope="module")
-def prior_lora(tiny, tmp_path_factory, monkeypatch_module):
+def prior_lora(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("prior_lora") / "out"
     # --rank is the diffusers spelling of --lora_rank
-    spy = train_in_process(train_text_to_image_prior_lora, tiny, out, monkeypatch_module, rank_flag="--rank")
+    spy = train_in_process(train_text_to_image_prior_lora, tiny, out, rank_flag="--rank")
     return spy, out
 
 
@@ -168,5 +183,25 @@ def test_lora_file_is_small_and_checkpoints_hold_it(run_name, request):
     size = os.path.getsize(out / lora.WEIGHTS_NAME)
     print(f"{run_name}: {lora.WEIGHTS_NAME} is {size / 1e3:.1f} kB at rank 8")
     assert size < 200_000
-    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-20", "checkpoint-40"]
+    # checkpoints at steps 10, 20, 30, 40; --checkpoints_total_limit 2 keeps the last two
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-30", "checkpoint-40"]
     assert sorted(os.listdir(out / "checkpoint-40")) == [lora.WEIGHTS_NAME, "training_state.pdparams"]
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_validation_after_epoch_0_every_10_epochs_and_at_the_end(run_name, request):
+    from PIL import Image
+
+    spy, out = request.getfixturevalue(run_name)
+    # epoch 0 ends at step 2, epoch 10 at step 22 (epoch 20 would be step 42 > 40); the end of training is step 40
+    folders = sorted(os.listdir(out / "validation"), key=lambda name: int(name.split("-")[1]))
+    assert folders == ["step-2", "step-22", "step-40"]
+    for folder in folders:
+        assert os.listdir(out / "validation" / folder) == ["0.png"]  # --num_validation_images 1
+        with Image.open(out / "validation" / folder / "0.png") as image:
+            assert image.format == "PNG" and image.size == (64, 64)  # --resolution
+    # the frozen components a validation needs beyond training (the other model's) are loaded on the first one
+    # and reused: no validation loads anything again
+    assert len(spy.loads_at_validation) == 3
+    assert spy.loads_at_validation[0] > spy.loads_before_training > 0
+    assert spy.loads_at_validation == [spy.loads_at_validation[0]] * 3 and spy.loads == spy.loads_at_validation[0]

@@ -1,6 +1,10 @@
 """Resume continues exactly: stopping at a checkpoint and resuming gives the uninterrupted run's weights
 and optimizer state (in the middle of an epoch, with gradient accumulation and EMA)."""
+import glob
+import os
 import shutil
+import struct
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -57,7 +61,29 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path, script, model, extra):
         assert_same_weights(full / model, full / "checkpoint-6" / f"{model}_ema")
 
 
+def tensorboard_scalars(path):
+    """{tag: [(step, value), ...]} of a tensorboard events file (TFRecord framing around Event protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars, data = {}, Path(path).read_bytes()
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        event = Event.FromString(data[12:12 + length])  # after the length and its CRC
+        data = data[12 + length + 4:]  # and the record's CRC
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def test_resume_latest_without_checkpoint_starts_fresh(tiny, tmp_path):
+    # also: --report_to tensorboard logs there, under output_dir/logs/<--tracker_project_name default>
+    out = tmp_path / "out"
     proc = run_script("train_text_to_image_prior.py", *model_args(
-        tiny, tmp_path / "out", "--max_train_steps", 1, "--resume_from_checkpoint", "latest"))
+        tiny, out, "--max_train_steps", 1, "--resume_from_checkpoint", "latest", "--report_to", "tensorboard"))
     assert "starting a new run" in proc.stderr
+    events = glob.glob(str(out / "logs" / "text2image-fine-tune" / "events.out.tfevents*"))
+    assert len(events) == 1, os.listdir(out / "logs")
+    assert glob.glob(str(out / "**" / "vdlrecords*"), recursive=True) == []  # no VisualDL log besides
+    scalars = tensorboard_scalars(events[0])
+    assert [step for step, _ in scalars["train_loss"]] == [1] and scalars["train_loss"][0][1] > 0
+    assert [step for step, _ in scalars["lr"]] == [1]
