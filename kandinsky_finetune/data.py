@@ -171,7 +171,10 @@ class TrainSet(paddle.io.Dataset):
 
     def __getitem__(self, key):
         epoch, row = key
-        return self.make_sample(self.ds[row], sample_rng(self.seed, epoch, row), row)
+        try:
+            return self.make_sample(self.ds[row], sample_rng(self.seed, epoch, row), row)
+        except Exception as e:  # e.g. an image whose header was fine but whose data is not
+            return {"sample_error": f"cannot prepare row {row} of the dataset: {_first_line(e)}"}
 
 
 class ShardedBatchSampler:
@@ -198,9 +201,39 @@ class ShardedBatchSampler:
             yield [(self.epoch, int(i)) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
+class SampleError(UsageError):
+    """A sample that cannot be built during training: one clear line, not a hang or a worker traceback."""
+
+
+def collate(samples):
+    """Samples stacked into numpy batch arrays; if one of them failed, the batch is that failure's message."""
+    for sample in samples:
+        if "sample_error" in sample:
+            return {"sample_error": np.frombuffer(sample["sample_error"].encode(), dtype=np.uint8)}
+    return {name: np.stack([sample[name] for sample in samples]) for name in samples[0]}
+
+
+class Loader:
+    """This rank's batches as tensors, built in this process (--dataloader_num_workers 0) or in Paddle's worker
+    processes. An error while building a sample travels as data and is raised here: raised inside Paddle 3.3's
+    DataLoader it leaves the training loop waiting forever."""
+
+    def __init__(self, dataset, sampler, num_workers):
+        self.dataset, self.sampler = dataset, sampler
+        self.workers = paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                                            use_shared_memory=False) if num_workers else None
+
+    def __iter__(self):
+        batches = self.workers if self.workers else (collate([self.dataset[key] for key in keys]) for keys in self.sampler)
+        for batch in batches:
+            if "sample_error" in batch:
+                error = batch["sample_error"]
+                raise SampleError(bytes(error.numpy() if isinstance(error, paddle.Tensor) else error).decode())
+            yield {name: value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+                   for name, value in batch.items()}
+
+
 def build_loader(hf_dataset, make_sample, args, ctx, seed):
     """This rank's (sampler, loader) over the dataset."""
     sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
-    loader = paddle.io.DataLoader(TrainSet(hf_dataset, make_sample, seed), batch_sampler=sampler,
-                                  num_workers=args.dataloader_num_workers, use_shared_memory=False)
-    return sampler, loader
+    return sampler, Loader(TrainSet(hf_dataset, make_sample, seed), sampler, args.dataloader_num_workers)

@@ -152,5 +152,7 @@ def run(main):
     try:
         main()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, even under a progress bar
         sys.exit(2)

@@ -1,12 +1,14 @@
 """More input that must fail before training with one clear line: an unreachable hub for --push_to_hub, a checkpoint
 written by another model or LoRA rank; and --mixed_precision's frozen models go back to fp32 before they are saved."""
+import sys
+
 import numpy as np
 import paddle
 import pytest
 
 import train_text_to_image_prior
 import train_text_to_image_prior_lora
-from conftest import model_args
+from conftest import ROOT, model_args, run
 from kandinsky_finetune.params import UsageError
 from kandinsky_finetune.tracking import Log
 from kandinsky_finetune.training import Precision
@@ -39,3 +41,35 @@ def test_frozen_models_cast_for_mixed_precision_are_saved_in_fp32():
     precision.frozen_back_to_fp32()
     assert frozen.weight.dtype == paddle.float32
     np.testing.assert_allclose(frozen.weight.numpy(), original, atol=1e-3)
+
+
+def corrupt_pixel_data(png):
+    """The PNG with garbage in its compressed pixel data but valid chunk checksums: it passes the up-front check
+    (headers and checksums) and fails only when decoded, during training."""
+    import struct
+    import zlib
+
+    out, pos = bytearray(png[:8]), 8
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        body = bytearray(png[pos + 8:pos + 8 + length])
+        if kind == b"IDAT":
+            body[2:] = bytes(len(body) - 2)  # keep the zlib header, zero the deflate stream
+        out += struct.pack(">I4s", length, kind) + body + struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + length
+    return bytes(out)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_fails_to_decode_is_one_clear_error_not_a_hang(tiny, tmp_path, workers):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny.data, data)
+    (data / "002.png").write_bytes(corrupt_pixel_data((data / "002.png").read_bytes()))
+    proc = run([sys.executable, str(ROOT / "train_text_to_image_decoder.py"), *model_args(
+        tiny, tmp_path / "out", "--train_data_dir", data, "--max_train_steps", 8, "--dataloader_num_workers", workers)],
+        check=False, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: cannot prepare row 2 of the dataset: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
