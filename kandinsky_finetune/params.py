@@ -142,11 +142,17 @@ def check(args):
 
 
 def run(main):
-    """Run a script's main(): a UsageError becomes one `error:` line and exit status 2."""
+    """Run a script's main(): a UsageError becomes one `error:` line and exit status 2, a failure during training
+    (faults.RunError) one `error:` line and status 1."""
     import sys
+
+    from .faults import RunError
 
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

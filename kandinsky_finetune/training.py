@@ -277,9 +277,10 @@ class Loop:
         return bool(prompts(self.args)) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done
 
     def finish(self, save, validate):
-        """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save()`, the upload
-        (if asked). Every rank waits for it, so none exits while rank 0 still writes."""
-        from . import distributed, hub
+        """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
+        returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
+        Every rank waits for it, so none exits while rank 0 still writes."""
+        from . import checkpoint, distributed, hub
         from .validation import prompts
 
         self.bar.close()
@@ -289,7 +290,8 @@ class Loop:
                 self.ema.copy_to(self.trainable)
             if prompts(self.args):
                 validate(self.global_step)
-            save()
+            what = checkpoint.publish(self.args.output_dir, save)
+            self.log(f"saved {what} to {self.args.output_dir}")
             if self.args.push_to_hub:
                 hub.upload(self.args, self.log)
         self.tracker.close()

@@ -1,5 +1,7 @@
 """Resume continues exactly: stopping at a checkpoint and resuming gives the uninterrupted run's weights
-and optimizer state (in the middle of an epoch, with gradient accumulation and EMA)."""
+and optimizer state (in the middle of an epoch, with gradient accumulation and EMA); a partial checkpoint
+left by a crash is ignored, and removed with a warning."""
+import os
 import shutil
 
 import numpy as np
@@ -47,8 +49,14 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path, script, model, extra):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")  # as if the run had stopped after step 3
+    # ... while writing checkpoint-4: a partial folder, which `latest` ignores and the run removes with a warning
+    shutil.copytree(full / "checkpoint-6", resumed / ".tmp-checkpoint-4")
+    (resumed / ".tmp-checkpoint-4" / "training_state.pdparams").write_bytes(b"half")
     proc = run_script(script, *model_args(tiny, resumed, *common, "--resume_from_checkpoint", "latest"))
     assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("warning: removing")] == [
+        f"warning: removing {resumed / '.tmp-checkpoint-4'}: left incomplete by an interrupted run"]
+    assert not [name for name in os.listdir(resumed) if name.startswith(".tmp-")]
     assert_same_weights(full / "checkpoint-6" / model, resumed / "checkpoint-6" / model)
     assert_same_state(full / "checkpoint-6", resumed / "checkpoint-6")
     if "--use_ema" in extra:
