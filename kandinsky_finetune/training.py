@@ -201,6 +201,10 @@ class Loop:
 
     Each micro-batch's loss is divided by the real size of its accumulation group; gradients are
     all-reduced on the group's last micro-batch only; the logged loss is the group's mean over all ranks.
+
+    Faults (see faults.py): before each optimizer step one all-reduce brings every rank the loss and whether
+    any gradient is non-finite, so all ranks decide alike. A non-finite loss or gradient ends the run before
+    the step (RunError). No checkpoint and no final save is ever written from non-finite weights.
     """
 
     def __init__(self, args, run, model, trainable, optimizer, lr_scheduler, ema, sampler, loader, checkpointer,
@@ -251,23 +255,55 @@ class Loop:
         self._loss += float(loss.item())
 
     def step_if_due(self):
+        """After a group's last micro-batch: check, step, EMA, log; a checkpoint when due."""
         if not self._last:
             return
-        from .distributed import mean_across_ranks
+        try:
+            self._step()
+        except BaseException:  # the error line comes after the progress bar
+            self.bar.close()
+            self.tracker.close()
+            raise
 
+    def _step(self):
+        from . import distributed, faults
+
+        step = self.global_step + 1
+        grads_finite = faults.all_finite([p.grad for p in self.trainable])
+        loss, bad_grads = distributed.sum_across_ranks([self._loss, 0.0 if grads_finite else 1.0], self.ctx)
+        loss /= self.ctx.world_size
+        warning = faults.check_step(step, loss, bad_grads == 0, self.precision.scaler)
+        if warning:
+            self.log.warn(warning)
         self.precision.step(self.optimizer)
         self.lr_scheduler.step()
         self.optimizer.clear_grad()
         if self.ema is not None:
             self.ema.step(self.trainable)
         self.global_step += 1
-        logged = {"train_loss": mean_across_ranks(self._loss, self.ctx), "lr": self.lr_scheduler.get_lr()}
+        logged = {"train_loss": loss, "lr": self.lr_scheduler.get_lr()}
         self._loss = 0.0
         self.tracker.scalars(logged, self.global_step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}")
-        if self.global_step % self.args.checkpointing_steps == 0 and self.ctx.is_main:
-            self.log(f"saved {self.checkpointer.save(self.global_step)}")
+        if self.global_step % self.args.checkpointing_steps == 0:
+            self._checkpoint()
+
+    def _checkpoint(self):
+        """checkpoint-<step>, written by rank 0; returns its path (None on other ranks)."""
+        self._check_weights()
+        if not self.ctx.is_main:
+            return None
+        path = self.checkpointer.save(self.global_step)
+        self.log(f"saved {path}")
+        return path
+
+    def _check_weights(self):
+        from .faults import RunError, all_finite
+
+        if not all_finite(list(self.trainable) + (list(self.ema.shadow_params) if self.ema is not None else [])):
+            raise RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: training "
+                           "diverged; nothing was saved from it (try a lower --learning_rate, or --max_grad_norm)")
 
     def validation_due(self, epoch):
         """After epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a prompt;
@@ -285,16 +321,19 @@ class Loop:
 
         self.bar.close()
         distributed.barrier(self.ctx)
-        if self.ctx.is_main:
-            if self.ema is not None:
-                self.ema.copy_to(self.trainable)
-            if prompts(self.args):
-                validate(self.global_step)
-            what = checkpoint.publish(self.args.output_dir, save)
-            self.log(f"saved {what} to {self.args.output_dir}")
-            if self.args.push_to_hub:
-                hub.upload(self.args, self.log)
-        self.tracker.close()
+        try:
+            if self.ctx.is_main:
+                if self.ema is not None:
+                    self.ema.copy_to(self.trainable)
+                self._check_weights()
+                if prompts(self.args):
+                    validate(self.global_step)
+                what = checkpoint.publish(self.args.output_dir, save)
+                self.log(f"saved {what} to {self.args.output_dir}")
+                if self.args.push_to_hub:
+                    hub.upload(self.args, self.log)
+        finally:
+            self.tracker.close()
         distributed.barrier(self.ctx)
 
 

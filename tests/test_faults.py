@@ -1,9 +1,10 @@
-"""Fault handling inside one process: atomic checkpoints and final saves, and a failing disk, which must end
-the run with one line and leave the last checkpoint intact."""
+"""Fault handling inside one process: the divergence check, atomic checkpoints and final saves, and a failing
+disk, which must end the run with one line and leave the last checkpoint intact."""
 import errno
 import json
 import os
 
+import numpy as np
 import pytest
 
 import train_text_to_image_prior
@@ -22,6 +23,36 @@ class Log:
 
     def warn(self, message):
         self.lines.append(f"warning: {message}")
+
+
+# ---------------------------------------------------------------- divergence
+class FakeScaler:
+    def state_dict(self):
+        return {"scale": np.array([32768.0], dtype="float32")}
+
+
+def test_non_finite_loss_or_gradient_stops_naming_the_step():
+    assert faults.check_step(7, 0.5, True, None) is None
+    with pytest.raises(faults.RunError, match=r"^step 7: the loss is nan: training diverged"):
+        faults.check_step(7, float("nan"), True, None)
+    with pytest.raises(faults.RunError, match=r"^step 8: non-finite gradients .*training diverged"):
+        faults.check_step(8, 0.5, False, None)
+    with pytest.raises(faults.RunError, match="the loss is inf"):  # a loss scaler does not excuse the loss itself
+        faults.check_step(9, float("inf"), True, FakeScaler())
+
+
+def test_fp16_loss_scaler_skips_a_step_with_non_finite_gradients():
+    warning = faults.check_step(9, 0.5, False, FakeScaler())
+    assert warning == ("step 9: non-finite gradients at fp16 loss scale 32768: the loss scaler skips this update "
+                       "and lowers the scale")
+
+
+def test_all_finite():
+    import paddle
+
+    assert faults.all_finite([paddle.ones([3]), None, paddle.zeros([2, 2])])
+    assert not faults.all_finite([paddle.ones([3]), paddle.to_tensor([1.0, float("inf")])])
+    assert not faults.all_finite([paddle.to_tensor([float("nan")])])
 
 
 # ---------------------------------------------------------------- atomic checkpoints and final save
