@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from .faults import detach_worker
 from .params import UsageError
 
 
@@ -170,5 +171,6 @@ def build_loader(hf_dataset, make_sample, args, ctx, seed):
     """This rank's (sampler, loader) over the dataset."""
     sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
     loader = paddle.io.DataLoader(TrainSet(hf_dataset, make_sample, seed), batch_sampler=sampler,
-                                  num_workers=args.dataloader_num_workers, use_shared_memory=False)
+                                  num_workers=args.dataloader_num_workers, use_shared_memory=False,
+                                  worker_init_fn=detach_worker)  # a stop signal must not kill the workers
     return sampler, loader

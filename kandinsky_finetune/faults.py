@@ -1,16 +1,81 @@
-"""What a run does when something goes wrong: a non-finite loss, gradient or weight, a failed write. Each ends
-the run with one line and its own exit status, and leaves nothing non-finite or half-written where a resumed
-run or a user would load it.
+"""What a run does when something goes wrong: a stop request (SIGTERM, Ctrl-C), a non-finite loss, gradient
+or weight, a failed write. Each ends the run with one line and its own exit status, and leaves nothing
+non-finite or half-written where a resumed run or a user would load it.
 
     exit 0          trained to the end
     exit 1          RunError: training failed (diverged, a write failed, a collective failed); one `error:` line
     exit 2          UsageError: bad input, before training (params.py)
+    exit 128 + N    stopped by signal N (143 SIGTERM, 130 Ctrl-C) after writing a checkpoint at the current step
 """
 import math
+import os
+import signal
+import threading
 
 
 class RunError(Exception):
     """A failure during the run, not a mistake in the input: one `error:` line, exit status 1."""
+
+
+class Stopped(Exception):
+    """A stop request was honoured (the checkpoint is written); the process exits with 128 + the signal number."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------- stop requests
+class StopRequest:
+    """SIGTERM (a preempted job, the launcher stopping its workers) and SIGINT (Ctrl-C) only set a flag; the
+    training loop reads it after each optimizer step, agrees on it with the other ranks, writes a checkpoint
+    and stops. A Ctrl-C after that quits at once (KeyboardInterrupt). The launcher sends SIGTERM several times,
+    so repeated SIGTERMs change nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        self._pid = os.getpid()
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a data-loader worker that got the signal before detach_worker ran
+            return
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum:
+            return
+        self.signum = signum
+        if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
+            # os.write, not print: the handler may run while the main thread is inside a print to stderr
+            again = " (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""
+            os.write(2, f"\nreceived {signal.Signals(signum).name}: stopping after the current optimizer step "
+                        f"with a checkpoint{again}\n".encode())
+
+
+def detach_worker(worker_id):
+    """DataLoader worker start-up: leave the main process's process group, so that a signal sent to the whole
+    group (Ctrl-C in a terminal, paddle.distributed.launch stopping a worker) does not kill the workers the
+    main process still needs to finish its step; it stops them itself. Default SIGTERM again (it inherited
+    the main process's handler)."""
+    try:
+        os.setsid()
+    except OSError:  # already a group leader: nothing to leave
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------- non-finite values

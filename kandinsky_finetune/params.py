@@ -143,10 +143,11 @@ def check(args):
 
 def run(main):
     """Run a script's main(): a UsageError becomes one `error:` line and exit status 2, a failure during training
-    (faults.RunError) one `error:` line and status 1."""
+    (faults.RunError) one `error:` line and status 1, a honoured stop request status 128 + the signal number
+    (the run has said where its checkpoint is), a Ctrl-C that could not wait status 130."""
     import sys
 
-    from .faults import RunError
+    from .faults import RunError, Stopped
 
     try:
         main()
@@ -156,3 +157,9 @@ def run(main):
     except RunError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Stopped as e:
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C): no checkpoint was written for the step in progress", file=sys.stderr,
+              flush=True)
+        sys.exit(130)

@@ -1,12 +1,17 @@
-"""The real scripts under faults: a diverging loss, kill -9 at random moments, SIGTERM (one process and a
-2-process launch), a rank that dies. Runs are tiny and shared where they can be."""
+"""The real scripts under faults: a diverging loss, SIGTERM (one process and a 2-process launch). Runs are
+tiny and shared where they can be."""
 import glob
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
-from conftest import model_args, run_script
+from conftest import ROOT, model_args, run, run_script, state_dict_of
 
 
 def saved_tensors(folder):
@@ -33,3 +38,108 @@ def test_divergence_stops_with_one_line_and_saves_nothing_non_finite(tiny, tmp_p
     assert not (out / "model_index.json").exists() and not (out / "unet").exists()
     tensors = saved_tensors(out)
     assert tensors and all(np.isfinite(v).all() for weights in tensors.values() for v in weights.values())
+
+
+# ---------------------------------------------------------------- SIGTERM: a checkpoint, then exact resume
+PRIOR = "train_text_to_image_prior.py"
+STEPS = 10
+# 8 samples, batches of 2, 2 micro-batches per step: 2 steps per epoch, so odd steps end mid-epoch; EMA and a
+# data-loader worker process are part of what must resume exactly
+COMMON = ["--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3, "--lr_scheduler",
+          "linear", "--lr_warmup_steps", 2, "--max_train_steps", STEPS, "--use_ema", "--dataloader_num_workers", 1]
+
+
+def start(cmd, log, cwd=ROOT):
+    """Start `cmd` in its own session, stdout and stderr to the file `log` (a pipe would wait for data-loader
+    workers that outlive a killed process)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(list(map(str, cmd)), cwd=str(cwd), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for(condition, proc, what, timeout=120):
+    end = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}"
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def text_of(log):
+    return log.read_text(errors="replace").replace("\r", "\n")
+
+
+def checkpoints(out):
+    return sorted((n for n in os.listdir(out) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+
+
+def assert_same(a, b, atol=1e-5):
+    wa, wb = state_dict_of(a), state_dict_of(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """The uninterrupted run every interrupted one must end equal to."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run_script(PRIOR, *model_args(tiny, out, *COMMON, "--checkpointing_steps", 1000))
+    return out
+
+
+def test_sigterm_writes_a_checkpoint_at_the_current_step_then_resume_is_exact(tiny, tmp_path, reference):
+    out = tmp_path / "out"
+    args = model_args(tiny, out, *COMMON, "--checkpointing_steps", 1000)
+    log = tmp_path / "run.log"
+    proc = start([sys.executable, "-u", ROOT / PRIOR, *args], log)
+    wait_for(lambda: "samples," in text_of(log), proc, "the training loop")  # signals are handled from here on
+    # to the whole process group, as Ctrl-C in a terminal does: the data-loader worker must survive it
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    text = text_of(log)
+    assert "Traceback" not in text
+    m = re.search(r"stopped by SIGTERM after step (\d+): saved (\S+); continue with --resume_from_checkpoint latest",
+                  text)
+    assert m, text[-2000:]
+    step = int(m.group(1))
+    assert m.group(2) == str(out / f"checkpoint-{step}") and checkpoints(out) == [f"checkpoint-{step}"]
+    assert step < STEPS and not (out / "model_index.json").exists()
+    proc = run_script(PRIOR, *args, "--resume_from_checkpoint", "latest")
+    assert f"at step {step}" in proc.stderr
+    assert_same(out / "prior", reference / "prior")
+
+
+# ---------------------------------------------------------------- 2-process launches
+def launch(script, log_dir, *args):
+    return [str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
+                             log_dir, ROOT / script, *args)]
+
+
+def test_sigterm_to_a_two_process_launch(tiny, tmp_path):
+    """The launcher forwards SIGTERM to both workers; they stop at the same step, rank 0 writes one checkpoint,
+    both exit long before the launcher's 30 s kill, and a resumed launch ends equal to an uninterrupted one."""
+    script = "train_text_to_image_prior_lora.py"
+    common = ["--train_batch_size", 1, "--learning_rate", 1e-3, "--max_train_steps", 8, "--checkpointing_steps", 1000]
+    run(launch(script, tmp_path / "log_ref", *model_args(tiny, tmp_path / "ref", *common)), cwd=tmp_path)
+    out = tmp_path / "out"
+    launcher = start(launch(script, tmp_path / "log", *model_args(tiny, out, *common)), tmp_path / "launch.log",
+                     cwd=tmp_path)
+    worker0 = tmp_path / "log" / "workerlog.0"
+    wait_for(lambda: worker0.exists() and "samples," in text_of(worker0), launcher, "the training loop")
+    sent = time.time()
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)
+    assert time.time() - sent < 20, "the workers did not stop by themselves"
+    logs = [text_of(tmp_path / "log" / f"workerlog.{rank}") for rank in (0, 1)]
+    assert "Traceback" not in logs[0] + logs[1]
+    m = re.search(r"stopped by SIGTERM after step (\d+): saved (\S+);", logs[0])
+    assert m, logs[0][-2000:]
+    step = int(m.group(1))
+    assert checkpoints(out) == [f"checkpoint-{step}"] and "saved" not in logs[1]
+    proc = run(launch(script, tmp_path / "log_resumed", *model_args(
+        tiny, out, *common, "--resume_from_checkpoint", "latest")), cwd=tmp_path, check=False)
+    resumed = text_of(tmp_path / "log_resumed" / "workerlog.0")
+    assert proc.returncode == 0 and f"at step {step}" in resumed, resumed[-2000:]
+    assert_same(out, tmp_path / "ref")
+

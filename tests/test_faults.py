@@ -1,8 +1,9 @@
-"""Fault handling inside one process: the divergence check, atomic checkpoints and final saves, and a failing
-disk, which must end the run with one line and leave the last checkpoint intact."""
+"""Fault handling inside one process: the divergence check, stop requests, atomic checkpoints and final
+saves, and a failing disk, which must end the run with one line and leave the last checkpoint intact."""
 import errno
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -53,6 +54,21 @@ def test_all_finite():
     assert faults.all_finite([paddle.ones([3]), None, paddle.zeros([2, 2])])
     assert not faults.all_finite([paddle.ones([3]), paddle.to_tensor([1.0, float("inf")])])
     assert not faults.all_finite([paddle.to_tensor([float("nan")])])
+
+
+# ---------------------------------------------------------------- stop requests
+def test_stop_request_sets_a_flag_and_a_ctrl_c_after_it_quits():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop = faults.StopRequest().install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the launcher sends it three times: still just a request
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.restore()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 # ---------------------------------------------------------------- atomic checkpoints and final save
@@ -145,6 +161,7 @@ def test_disk_full_is_one_error_and_the_last_checkpoint_stays(tiny, tmp_path, mo
     out = tmp_path / "out"
     args = model_args(tiny, out, "--max_train_steps", 4, "--checkpointing_steps", 1, "--train_batch_size", 2,
                       "--lora_rank", 2)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
     fail_lora_writes(monkeypatch, lambda folder: folder == ".tmp-checkpoint-3")
     with pytest.raises(faults.RunError, match=rf"^cannot write checkpoint {out}/checkpoint-3: OSError: \[Errno 28\] "
@@ -154,6 +171,7 @@ def test_disk_full_is_one_error_and_the_last_checkpoint_stays(tiny, tmp_path, mo
     assert sorted(n for n in os.listdir(out) if n != "logs") == ["checkpoint-1", "checkpoint-2"]
     assert sorted(os.listdir(out / "checkpoint-2")) == [lora.WEIGHTS_NAME, checkpoint.STATE_FILE]
     assert checkpoint.load_state(str(out / "checkpoint-2"))["global_step"] == 2
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
     # resumed, it fails again on the final save: no LoRA file in output_dir, the checkpoints stay
     monkeypatch.undo()
