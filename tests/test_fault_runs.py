@@ -1,7 +1,8 @@
-"""The real scripts under faults: a diverging loss, SIGTERM (one process and a 2-process launch). Runs are
-tiny and shared where they can be."""
+"""The real scripts under faults: a diverging loss, kill -9 at random moments, SIGTERM (one process and a
+2-process launch), a rank that dies. Runs are tiny and shared where they can be."""
 import glob
 import os
+import random
 import re
 import signal
 import subprocess
@@ -40,7 +41,7 @@ def test_divergence_stops_with_one_line_and_saves_nothing_non_finite(tiny, tmp_p
     assert tensors and all(np.isfinite(v).all() for weights in tensors.values() for v in weights.values())
 
 
-# ---------------------------------------------------------------- SIGTERM: a checkpoint, then exact resume
+# ---------------------------------------------------------------- kill -9 and SIGTERM: exact resume
 PRIOR = "train_text_to_image_prior.py"
 STEPS = 10
 # 8 samples, batches of 2, 2 micro-batches per step: 2 steps per epoch, so odd steps end mid-epoch; EMA and a
@@ -88,6 +89,38 @@ def reference(tiny, tmp_path_factory):
     return out
 
 
+def test_kill_9_at_random_moments_then_resume_latest(tiny, tmp_path, reference):
+    """Three kills (the same run resumed each time, as a job preempted again and again), each while a seeded
+    step's checkpoint is being written or just after; then a resume to the end."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-u", ROOT / PRIOR, *model_args(
+        tiny, out, *COMMON, "--checkpointing_steps", 1, "--checkpoints_total_limit", 2, "--resume_from_checkpoint",
+        "latest")]
+    rng = random.Random(2024)
+    targets = sorted(rng.sample(range(1, STEPS), 3))
+    partial_left = []
+    for trial, target in enumerate(targets):
+        log = tmp_path / f"trial{trial}.log"
+        proc = start(cmd, log)
+        started = lambda: os.path.isdir(out) and any(  # noqa: E731
+            n in (f"checkpoint-{target}", f".tmp-checkpoint-{target}") for n in os.listdir(out))
+        wait_for(started, proc, f"checkpoint {target}")
+        time.sleep(rng.uniform(0, 0.03))
+        proc.kill()
+        proc.wait()
+        text = text_of(log)
+        assert ("resumed from" in text) == (trial > 0), text[-2000:]
+        assert len(re.findall("warning: removing", text)) == len(partial_left)
+        partial_left = [n for n in os.listdir(out) if n.startswith(".tmp-")]
+        print(f"killed while writing checkpoint {target}: left {checkpoints(out)} and {partial_left}")
+    proc = run([str(a) for a in cmd])
+    assert "resumed from" in proc.stderr
+    assert len(re.findall("warning: removing", proc.stderr)) == len(partial_left)
+    assert checkpoints(out) == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert_same(out / "prior", reference / "prior")  # the EMA weights, the saved model
+
+
 def test_sigterm_writes_a_checkpoint_at_the_current_step_then_resume_is_exact(tiny, tmp_path, reference):
     out = tmp_path / "out"
     args = model_args(tiny, out, *COMMON, "--checkpointing_steps", 1000)
@@ -114,6 +147,20 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_then_resume_is_exact(ti
 def launch(script, log_dir, *args):
     return [str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
                              log_dir, ROOT / script, *args)]
+
+
+def rank_pids(launcher):
+    """{rank: pid} of the launcher's worker processes."""
+    pids = {}
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == str(launcher.pid):
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"PADDLE_TRAINER_ID=")]
+                pids[int(rank[0])] = int(pid)
+        except (OSError, IndexError):
+            pass
+    return pids
 
 
 def test_sigterm_to_a_two_process_launch(tiny, tmp_path):
@@ -143,3 +190,29 @@ def test_sigterm_to_a_two_process_launch(tiny, tmp_path):
     assert proc.returncode == 0 and f"at step {step}" in resumed, resumed[-2000:]
     assert_same(out, tmp_path / "ref")
 
+
+def test_a_dead_rank_ends_the_launch_quickly(tiny, tmp_path):
+    """kill -9 of rank 1 mid-training: rank 0 does not hang; the launch fails within seconds, saving nothing."""
+    out = tmp_path / "out"
+    launcher = start(launch(PRIOR, tmp_path / "log", *model_args(
+        tiny, out, "--train_batch_size", 1, "--max_train_steps", 100000, "--checkpointing_steps", 100000)),
+        tmp_path / "launch.log", cwd=tmp_path)
+    worker0 = tmp_path / "log" / "workerlog.0"
+    try:
+        wait_for(lambda: worker0.exists() and "samples," in text_of(worker0), launcher, "the training loop")
+        time.sleep(0.5)
+        pids = rank_pids(launcher)
+        killed = time.time()
+        os.kill(pids[1], signal.SIGKILL)
+        returncode = launcher.wait(timeout=60)
+        took = time.time() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            for pid in rank_pids(launcher).values():
+                os.kill(pid, signal.SIGKILL)
+    assert returncode != 0
+    assert took < 15, f"rank 0 took {took:.1f} s to end"
+    assert not os.path.exists(f"/proc/{pids[0]}") or open(f"/proc/{pids[0]}/stat").read().split()[2] == "Z"
+    assert not (out / "model_index.json").exists() and checkpoints(out) == []
+    print(f"rank 0 ended {took:.1f} s after rank 1 was killed; its log ends: {text_of(worker0).strip()[-300:]}")
