@@ -121,19 +121,20 @@ def test_kill_9_at_random_moments_then_resume_latest(tiny, tmp_path, reference):
     assert_same(out / "prior", reference / "prior")  # the EMA weights, the saved model
 
 
-def test_sigterm_writes_a_checkpoint_at_the_current_step_then_resume_is_exact(tiny, tmp_path, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_writes_a_checkpoint_at_the_current_step_then_resume_is_exact(tiny, tmp_path, reference, sig):
     out = tmp_path / "out"
     args = model_args(tiny, out, *COMMON, "--checkpointing_steps", 1000)
     log = tmp_path / "run.log"
     proc = start([sys.executable, "-u", ROOT / PRIOR, *args], log)
     wait_for(lambda: "samples," in text_of(log), proc, "the training loop")  # signals are handled from here on
     # to the whole process group, as Ctrl-C in a terminal does: the data-loader worker must survive it
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    os.killpg(proc.pid, sig)
+    assert proc.wait(timeout=60) == 128 + sig
     text = text_of(log)
     assert "Traceback" not in text
-    m = re.search(r"stopped by SIGTERM after step (\d+): saved (\S+); continue with --resume_from_checkpoint latest",
-                  text)
+    m = re.search(rf"stopped by {sig.name} after step (\d+): saved (\S+); continue with --resume_from_checkpoint "
+                  "latest", text)
     assert m, text[-2000:]
     step = int(m.group(1))
     assert m.group(2) == str(out / f"checkpoint-{step}") and checkpoints(out) == [f"checkpoint-{step}"]

@@ -39,7 +39,7 @@ def assert_same_state(a, b):
     ("train_text_to_image_decoder.py", "unet", ["--use_ema", "--gradient_accumulation_steps", 2]),
     # LoRA checkpoints hold the LoRA file itself ("" = the checkpoint folder)
     ("train_text_to_image_prior_lora.py", "", ["--gradient_accumulation_steps", 2]),
-    ("train_text_to_image_decoder_lora.py", "", []),
+    ("train_text_to_image_decoder_lora.py", "", ["--dataloader_num_workers", 1]),  # a loader worker process
 ])
 def test_resume_matches_uninterrupted_run(tiny, tmp_path, script, model, extra):
     common = ["--train_batch_size", 2, "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--lr_warmup_steps", 2,
