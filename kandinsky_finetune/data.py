@@ -6,6 +6,7 @@ depend on the batch size, the accumulation, the number of cards, data-loader wor
 resumed: a batch of 4 equals 4 accumulated batches of 1, and a resumed run sees exactly what an
 uninterrupted one would have.
 """
+import functools
 import io
 import os
 
@@ -170,7 +171,8 @@ class ShardedBatchSampler:
 def build_loader(hf_dataset, make_sample, args, ctx, seed):
     """This rank's (sampler, loader) over the dataset."""
     sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
+    # workers survive a stop signal sent to the process group, and die with this process (faults.detach_worker)
     loader = paddle.io.DataLoader(TrainSet(hf_dataset, make_sample, seed), batch_sampler=sampler,
                                   num_workers=args.dataloader_num_workers, use_shared_memory=False,
-                                  worker_init_fn=detach_worker)  # a stop signal must not kill the workers
+                                  worker_init_fn=functools.partial(detach_worker, parent=os.getpid()))
     return sampler, loader

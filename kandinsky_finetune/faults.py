@@ -65,17 +65,32 @@ class StopRequest:
                         f"with a checkpoint{again}\n".encode())
 
 
-def detach_worker(worker_id):
-    """DataLoader worker start-up: leave the main process's process group, so that a signal sent to the whole
-    group (Ctrl-C in a terminal, paddle.distributed.launch stopping a worker) does not kill the workers the
-    main process still needs to finish its step; it stops them itself. Default SIGTERM again (it inherited
-    the main process's handler)."""
+def detach_worker(worker_id, parent=None):
+    """DataLoader worker start-up (`parent`: the main process's pid). Leave the main process's process group, so
+    that a signal sent to the whole group (Ctrl-C in a terminal, paddle.distributed.launch stopping a worker)
+    does not kill the workers the main process still needs to finish its step; it stops them itself. Die with
+    the main process instead: an orphaned worker can block forever on a half-written queue message. Default
+    SIGTERM and SIGINT again (the worker inherited the main process's handlers)."""
     try:
         os.setsid()
     except OSError:  # already a group leader: nothing to leave
         pass
+    _die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _die_with_parent(parent):
+    """Linux: the kernel sends this process SIGKILL when its parent exits, however it exits."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: the worker's own parent check remains
+        return
+    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 # ---------------------------------------------------------------- non-finite values

@@ -70,6 +70,32 @@ def text_of(log):
     return log.read_text(errors="replace").replace("\r", "\n")
 
 
+def children(pid):
+    """The pids of `pid`'s child processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(entry))
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, what, timeout=10):
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def checkpoints(out):
     return sorted((n for n in os.listdir(out) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
 
@@ -106,8 +132,10 @@ def test_kill_9_at_random_moments_then_resume_latest(tiny, tmp_path, reference):
             n in (f"checkpoint-{target}", f".tmp-checkpoint-{target}") for n in os.listdir(out))
         wait_for(started, proc, f"checkpoint {target}")
         time.sleep(rng.uniform(0, 0.03))
+        workers = children(proc.pid)
         proc.kill()
         proc.wait()
+        wait_until(lambda: not any(alive(pid) for pid in workers), "the data-loader worker to die with its parent")
         text = text_of(log)
         assert ("resumed from" in text) == (trial > 0), text[-2000:]
         assert len(re.findall("warning: removing", text)) == len(partial_left)
@@ -153,14 +181,14 @@ def launch(script, log_dir, *args):
 def rank_pids(launcher):
     """{rank: pid} of the launcher's worker processes."""
     pids = {}
-    for pid in os.listdir("/proc"):
+    for pid in children(launcher.pid):
         try:
-            if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == str(launcher.pid):
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-                rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"PADDLE_TRAINER_ID=")]
-                pids[int(rank[0])] = int(pid)
-        except (OSError, IndexError):
-            pass
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"PADDLE_TRAINER_ID=")]
+        if rank:
+            pids[int(rank[0])] = pid
     return pids
 
 
@@ -214,6 +242,6 @@ def test_a_dead_rank_ends_the_launch_quickly(tiny, tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert returncode != 0
     assert took < 15, f"rank 0 took {took:.1f} s to end"
-    assert not os.path.exists(f"/proc/{pids[0]}") or open(f"/proc/{pids[0]}/stat").read().split()[2] == "Z"
+    assert not alive(pids[0])
     assert not (out / "model_index.json").exists() and checkpoints(out) == []
     print(f"rank 0 ended {took:.1f} s after rank 1 was killed; its log ends: {text_of(worker0).strip()[-300:]}")
