@@ -46,10 +46,10 @@ def main(argv=None):
         with training.ema_weights(ema, trainable):
             validation.run(decoder.combined_pipeline(args, c), [unet], args, run.seed, step, loop.tracker, log)
 
-    def save():
+    def save(folder):
         # the whole combined pipeline, so `KandinskyV22CombinedPipeline.from_pretrained(output_dir)` works
-        decoder.combined_pipeline(args, c).save_pretrained(args.output_dir)
-        log(f"saved the fine-tuned pipeline to {args.output_dir}")
+        decoder.combined_pipeline(args, c).save_pretrained(folder)
+        return "the fine-tuned pipeline"
 
     for epoch in loop.epochs():
         for batch in loop.micro_batches(epoch):

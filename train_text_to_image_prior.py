@@ -44,10 +44,10 @@ def main(argv=None):
         with training.ema_weights(ema, trainable):
             validation.run(prior.combined_pipeline(args, c), [c.prior], args, run.seed, step, loop.tracker, log)
 
-    def save():
+    def save(folder):
         # a KandinskyV22PriorPipeline with the repo's UnCLIPScheduler
-        prior.prior_pipeline(c).save_pretrained(args.output_dir)
-        log(f"saved the fine-tuned prior pipeline to {args.output_dir}")
+        prior.prior_pipeline(c).save_pretrained(folder)
+        return "the fine-tuned prior pipeline"
 
     for epoch in loop.epochs():
         for batch in loop.micro_batches(epoch):

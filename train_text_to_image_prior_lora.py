@@ -44,11 +44,10 @@ def main(argv=None):
     def validate(step):
         validation.run(prior.combined_pipeline(args, c), [c.prior], args, run.seed, step, loop.tracker, log)
 
-    def save():
+    def save(folder):
         # the LoRA weights only, in the file `load_attn_procs(output_dir)` reads
-        lora.save(c.prior, args.output_dir)
-        log(f"saved the LoRA weights to {args.output_dir}/{lora.WEIGHTS_NAME} "
-            f"({lora.file_size(args.output_dir) / 1e6:.2f} MB)")
+        lora.save(c.prior, folder)
+        return f"the LoRA weights ({lora.WEIGHTS_NAME}, {lora.file_size(folder) / 1e6:.2f} MB)"
 
     for epoch in loop.epochs():
         for batch in loop.micro_batches(epoch):

@@ -6,6 +6,7 @@ depend on the batch size, the accumulation, the number of cards, data-loader wor
 resumed: a batch of 4 equals 4 accumulated batches of 1, and a resumed run sees exactly what an
 uninterrupted one would have.
 """
+import functools
 import io
 import os
 
@@ -13,6 +14,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from .faults import detach_worker
 from .params import UsageError
 
 
@@ -220,8 +222,10 @@ class Loader:
 
     def __init__(self, dataset, sampler, num_workers):
         self.dataset, self.sampler = dataset, sampler
-        self.workers = paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                            use_shared_memory=False) if num_workers else None
+        # workers survive a stop signal sent to the process group, and die with this process (faults.detach_worker)
+        self.workers = paddle.io.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, use_shared_memory=False,
+            worker_init_fn=functools.partial(detach_worker, parent=os.getpid())) if num_workers else None
 
     def __iter__(self):
         batches = self.workers if self.workers else (collate([self.dataset[key] for key in keys]) for keys in self.sampler)

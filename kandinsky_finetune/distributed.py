@@ -2,6 +2,11 @@
 
 Rank 0 alone writes logs, checkpoints and outputs; the data is sharded per rank (see data.py), and
 gradients are all-reduced once per optimizer step by paddle.DataParallel (`no_sync` inside accumulation).
+
+When a rank dies, the others do not hang: gloo fails their next collective at once (the peer's connection
+is reset; a peer that stops answering fails it after gloo's 30 s timeout), and paddle.distributed.launch
+stops the other workers within a few seconds (SIGTERM, then SIGKILL after 3 s). A collective that fails in
+Python code here becomes one `error:` line (faults.RunError).
 """
 import contextlib
 import os
@@ -58,18 +63,31 @@ def no_sync_unless(sync, model):
     return model.no_sync()
 
 
+@contextlib.contextmanager
+def _collective(what, ctx):
+    try:
+        yield
+    except Exception as e:
+        from .faults import RunError, first_line
+
+        raise RunError(f"rank {ctx.rank}: {what} across {ctx.world_size} processes failed; another process has "
+                       f"probably died (see its log): {first_line(e)}") from None
+
+
 def barrier(ctx):
     if ctx.world_size > 1:
-        dist.barrier()
+        with _collective("waiting for the other processes", ctx):
+            dist.barrier()
 
 
-def mean_across_ranks(value, ctx):
-    """Mean of a python float over all ranks (for logging the global loss)."""
+def sum_across_ranks(values, ctx):
+    """Element-wise sums of a list of python floats over all ranks, in one all-reduce."""
     if ctx.world_size == 1:
-        return value
-    t = paddle.to_tensor([value], dtype="float32")
-    dist.all_reduce(t)
-    return float(t.item()) / ctx.world_size
+        return list(values)
+    t = paddle.to_tensor(values, dtype="float64")
+    with _collective("the per-step all-reduce", ctx):
+        dist.all_reduce(t)
+    return t.numpy().tolist()
 
 
 def broadcast_int(value, ctx):

@@ -146,13 +146,26 @@ def check(args):
 
 
 def run(main):
-    """Run a script's main(): a UsageError becomes one `error:` line and exit status 2."""
+    """Run a script's main(): a UsageError becomes one `error:` line and exit status 2, a failure during training
+    (faults.RunError) one `error:` line and status 1, a honoured stop request status 128 + the signal number
+    (the run has said where its checkpoint is), a Ctrl-C that could not wait status 130."""
     import sys
+
+    from tqdm import tqdm
+
+    from .faults import RunError, Stopped
+
+    def error(message, status):
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on a line of its own, even under a progress bar
+        sys.exit(status)
 
     try:
         main()
     except UsageError as e:
-        from tqdm import tqdm
-
-        tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, even under a progress bar
-        sys.exit(2)
+        error(e, 2)
+    except RunError as e:
+        error(e, 1)
+    except Stopped as e:
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        error("interrupted (Ctrl-C): no checkpoint was written for the step in progress", 130)

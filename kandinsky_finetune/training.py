@@ -3,6 +3,7 @@ with Min-SNR weighting, the optimizer and lr schedule, mixed precision and devic
 import contextlib
 import math
 import os
+import signal
 
 import paddle
 import paddle.nn.functional as F
@@ -221,11 +222,17 @@ class Loop:
 
     Each micro-batch's loss is divided by the real size of its accumulation group; gradients are
     all-reduced on the group's last micro-batch only; the logged loss is the group's mean over all ranks.
+
+    Faults (see faults.py): before each optimizer step one all-reduce brings every rank the loss, whether any
+    gradient is non-finite and whether any rank got SIGTERM/SIGINT, so all ranks decide alike. A non-finite
+    loss or gradient ends the run before the step (RunError); after a stop request the step completes, rank 0
+    writes checkpoint-<step>, and every rank raises faults.Stopped. No checkpoint and no final save is ever
+    written from non-finite weights.
     """
 
     def __init__(self, args, run, model, trainable, optimizer, lr_scheduler, ema, sampler, loader, checkpointer,
                  num_samples, note=""):
-        from . import distributed, tracking
+        from . import distributed, faults, tracking
 
         self.args, self.ctx, self.log, self.precision, self.clock = args, run.ctx, run.log, run.precision, run.clock
         self.trainable, self.optimizer, self.lr_scheduler, self.ema = trainable, optimizer, lr_scheduler, ema
@@ -233,6 +240,9 @@ class Loop:
         self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
             sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
         self.global_step = checkpointer.resume(run, self.log)
+        # From here on a stop signal becomes a checkpoint; once rank 0 is past the barrier, on every rank
+        self.stop = faults.StopRequest().install()
+        distributed.barrier(self.ctx)
         self.model = distributed.wrap(model, self.ctx)
         prepare_output_dir(args.output_dir, self.ctx, self.log)
         self.tracker = tracking.Tracker(args, self.ctx.is_main)
@@ -273,10 +283,26 @@ class Loop:
         self._loss += float(loss.item())
 
     def step_if_due(self):
+        """After a group's last micro-batch: check, step, EMA, log; a checkpoint when due or when asked to stop."""
         if not self._last:
             return
-        from .distributed import mean_across_ranks
+        try:
+            self._step()
+        except BaseException:  # the progress bar closes before the error line
+            self._close()
+            raise
 
+    def _step(self):
+        from . import distributed, faults
+
+        step = self.global_step + 1
+        grads_finite = faults.all_finite([p.grad for p in self.trainable])
+        loss, bad_grads, stop = distributed.sum_across_ranks(
+            [self._loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
+        loss /= self.ctx.world_size
+        warning = faults.check_step(step, loss, bad_grads == 0, self.precision.scaler)
+        if warning:
+            self.log.warn(warning)
         self.precision.step(self.optimizer)
         self.lr_scheduler.step()
         self.optimizer.clear_grad()
@@ -284,13 +310,44 @@ class Loop:
             self.ema.step(self.trainable)
         self.global_step += 1
         self.clock.step_done()
-        logged = {"train_loss": mean_across_ranks(self._loss, self.ctx), "lr": self.lr_scheduler.get_lr()}
+        logged = {"train_loss": loss, "lr": self.lr_scheduler.get_lr()}
         self._loss = 0.0
         self.tracker.scalars(logged, self.global_step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}")
-        if self.global_step % self.args.checkpointing_steps == 0 and self.ctx.is_main:
-            self.log(f"saved {self.checkpointer.save(self.global_step)}")
+        if self.global_step % self.args.checkpointing_steps == 0 or stop:
+            path = self._checkpoint()
+        if stop:
+            distributed.barrier(self.ctx)  # no rank exits while rank 0 still writes
+            signum = self.stop.signum or signal.SIGTERM  # (a signal another rank got)
+            self.log(f"stopped by {signal.Signals(signum).name} after step {self.global_step}: saved {path}; "
+                     "continue with --resume_from_checkpoint latest")
+            raise faults.Stopped(signum)
+
+    def _checkpoint(self):
+        """checkpoint-<step>, written by rank 0; returns its path (None on other ranks)."""
+        self._check_weights()
+        if not self.ctx.is_main:
+            return None
+        path = self.checkpointer.save(self.global_step)
+        self.log(f"saved {path}")
+        return path
+
+    def _check_weights(self):
+        from .faults import RunError, all_finite
+
+        if not all_finite(list(self.trainable) + (list(self.ema.shadow_params) if self.ema is not None else [])):
+            raise RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: training "
+                           "diverged; nothing was saved from it (try a lower --learning_rate, or --max_grad_norm)")
+
+    def _close(self):
+        """End of the run, whatever the way: the progress bar, the tracker, the signal handlers."""
+        if self.stop is None:
+            return
+        self.bar.close()
+        self.tracker.close()
+        self.stop.restore()
+        self.stop = None
 
     def validate_if_due(self, epoch, validate):
         """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a
@@ -302,26 +359,31 @@ class Loop:
                 validate(self.global_step)
 
     def finish(self, save, validate):
-        """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save()`, the upload
-        (if asked). Every rank waits for it, so none exits while rank 0 still writes."""
-        from . import distributed, hub
+        """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
+        returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
+        Every rank waits for it, so none exits while rank 0 still writes."""
+        from . import checkpoint, distributed, hub
         from .validation import prompts
 
         self.bar.close()
         self.clock.stop_training()
         distributed.barrier(self.ctx)
-        if self.ctx.is_main:
-            if self.ema is not None:
-                self.ema.copy_to(self.trainable)
-            if prompts(self.args):
-                with self.clock.phase("validation"), self.precision.autocast():
-                    validate(self.global_step)
-            self.precision.frozen_back_to_fp32()
-            with self.clock.phase("saving"):
-                save()
-            if self.args.push_to_hub:
-                hub.upload(self.args, self.log)
-        self.tracker.close()
+        try:
+            if self.ctx.is_main:
+                if self.ema is not None:
+                    self.ema.copy_to(self.trainable)
+                self._check_weights()
+                if prompts(self.args):
+                    with self.clock.phase("validation"), self.precision.autocast():
+                        validate(self.global_step)
+                self.precision.frozen_back_to_fp32()
+                with self.clock.phase("saving"):
+                    what = checkpoint.publish(self.args.output_dir, save)
+                self.log(f"saved {what} to {self.args.output_dir}")
+                if self.args.push_to_hub:
+                    hub.upload(self.args, self.log)
+        finally:
+            self._close()
         distributed.barrier(self.ctx)
         self.log(self.clock.summary())
 

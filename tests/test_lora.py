@@ -36,7 +36,7 @@ class Spy:
             step(precision, optimizer)
 
         def spy_save(model, folder):
-            if os.path.abspath(folder) == os.path.abspath(self.output_dir):
+            if os.path.dirname(os.path.abspath(folder)) == os.path.abspath(self.output_dir):  # a temporary folder in it
                 self.model = model
             save(model, folder)
 

@@ -1,5 +1,6 @@
 """Resume continues exactly: stopping at a checkpoint and resuming gives the uninterrupted run's weights
-and optimizer state (in the middle of an epoch, with gradient accumulation and EMA)."""
+and optimizer state (in the middle of an epoch, with gradient accumulation and EMA); a partial checkpoint
+left by a crash is ignored, and removed with a warning."""
 import glob
 import os
 import shutil
@@ -41,7 +42,7 @@ def assert_same_state(a, b):
     ("train_text_to_image_decoder.py", "unet", ["--use_ema", "--gradient_accumulation_steps", 2]),
     # LoRA checkpoints hold the LoRA file itself ("" = the checkpoint folder)
     ("train_text_to_image_prior_lora.py", "", ["--gradient_accumulation_steps", 2]),
-    ("train_text_to_image_decoder_lora.py", "", []),
+    ("train_text_to_image_decoder_lora.py", "", ["--dataloader_num_workers", 1]),  # a loader worker process
 ])
 def test_resume_matches_uninterrupted_run(tiny, tmp_path, script, model, extra):
     common = ["--train_batch_size", 2, "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--lr_warmup_steps", 2,
@@ -51,8 +52,14 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path, script, model, extra):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")  # as if the run had stopped after step 3
+    # ... while writing checkpoint-4: a partial folder, which `latest` ignores and the run removes with a warning
+    shutil.copytree(full / "checkpoint-6", resumed / ".tmp-checkpoint-4")
+    (resumed / ".tmp-checkpoint-4" / "training_state.pdparams").write_bytes(b"half")
     proc = run_script(script, *model_args(tiny, resumed, *common, "--resume_from_checkpoint", "latest"))
     assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("warning: removing")] == [
+        f"warning: removing {resumed / '.tmp-checkpoint-4'}: left incomplete by an interrupted run"]
+    assert not [name for name in os.listdir(resumed) if name.startswith(".tmp-")]
     assert_same_weights(full / "checkpoint-6" / model, resumed / "checkpoint-6" / model)
     assert_same_state(full / "checkpoint-6", resumed / "checkpoint-6")
     if "--use_ema" in extra:
