@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from .faults import detach_worker
+from .faults import RunError, detach_worker
 from .params import UsageError
 
 
@@ -203,8 +203,8 @@ class ShardedBatchSampler:
             yield [(self.epoch, int(i)) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
-class SampleError(UsageError):
-    """A sample that cannot be built during training: one clear line, not a hang or a worker traceback."""
+class SampleError(RunError):
+    """A sample that cannot be built during training (exit 1): one clear line, not a hang or a worker traceback."""
 
 
 def collate(samples):

@@ -41,7 +41,8 @@ def assert_same_state(a, b):
     # 8 samples, batch 2, 2 micro-batches per step: 2 steps per epoch, so step 3 is mid-epoch
     ("train_text_to_image_decoder.py", "unet", ["--use_ema", "--gradient_accumulation_steps", 2]),
     # LoRA checkpoints hold the LoRA file itself ("" = the checkpoint folder)
-    ("train_text_to_image_prior_lora.py", "", ["--gradient_accumulation_steps", 2]),
+    # with the encoders' outputs read from the cache (both runs)
+    ("train_text_to_image_prior_lora.py", "", ["--gradient_accumulation_steps", 2, "--cache_encoder_outputs"]),
     ("train_text_to_image_decoder_lora.py", "", ["--dataloader_num_workers", 1]),  # a loader worker process
 ])
 def test_resume_matches_uninterrupted_run(tiny, tmp_path, script, model, extra):
