@@ -355,8 +355,11 @@ class Loop:
         from .validation import prompts
 
         if prompts(self.args) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done:
-            with self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be in half precision
-                validate(self.global_step)
+            self._validate(validate)
+
+    def _validate(self, validate):
+        with self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be in half precision
+            validate(self.global_step)
 
     def finish(self, save, validate):
         """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
@@ -374,8 +377,7 @@ class Loop:
                     self.ema.copy_to(self.trainable)
                 self._check_weights()
                 if prompts(self.args):
-                    with self.clock.phase("validation"), self.precision.autocast():
-                        validate(self.global_step)
+                    self._validate(validate)
                 self.precision.frozen_back_to_fp32()
                 with self.clock.phase("saving"):
                     what = checkpoint.publish(self.args.output_dir, save)
