@@ -236,7 +236,14 @@ def load_state(path):
 
 def load_weights_into(model, folder):
     """Copy the weights saved by `save_pretrained` in `folder` into the live `model` (keeps its parameters,
-    so the optimizer's references stay valid)."""
+    so the optimizer's references stay valid), a tensor at a time where the file allows it."""
+    import glob
+
+    from .models import read_safetensors_into
+
+    files = glob.glob(os.path.join(folder, "*.safetensors"))
+    if len(files) == 1 and read_safetensors_into(model, files[0]):
+        return
     saved = type(model).from_pretrained(folder).state_dict()
     live = model.state_dict()
     for key, tensor in live.items():

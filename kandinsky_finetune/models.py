@@ -1,7 +1,13 @@
-"""Loading Kandinsky 2.2 components from a hub id or a local folder, with one clear line when that fails."""
+"""Loading Kandinsky 2.2 components from a hub id or a local folder, with one clear line when that fails, and
+without a second copy of a model's weights in memory."""
+import contextlib
 import functools
+import glob
+import json
 import os
+import struct
 
+import numpy as np
 import paddle
 
 from .params import UsageError
@@ -22,12 +28,112 @@ def check_repo(path, subfolders, flag):
 
 
 def load(cls, repo, subfolder, flag, cache_dir=None):
-    """`cls.from_pretrained(repo, subfolder=...)`: the same call for a hub id and a local folder."""
+    """`cls.from_pretrained(repo, subfolder=...)`: the same call for a hub id and a local folder. A model is built
+    without initialising its weights and then filled, so loading holds its weights once (see `_load_model`)."""
     try:
+        if isinstance(cls, type) and issubclass(cls, paddle.nn.Layer):
+            return _load_model(cls, repo, subfolder, cache_dir)
         return cls.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir)
     except Exception as e:  # hub, file and config errors all end the run the same way
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UsageError(f"cannot load {subfolder} of {flag} {repo}: {type(e).__name__}: {reason}") from None
+
+
+def _load_model(cls, repo, subfolder, cache_dir):
+    """A model from one Paddle-layout safetensors file in a local folder is built lazily (no random initialisation)
+    and filled one tensor at a time, read with plain file reads: its peak is its weights plus one tensor. By
+    default from_pretrained initialises the model at random and reads the whole file beside it (2x the weights,
+    and at real size half a minute per encoder); its low_cpu_mem_usage path still memory-maps the whole
+    safetensors file, whose pages count as resident until it is closed. Anything else (a hub id, .pdparams,
+    shards, PyTorch layout, renamed keys) goes through from_pretrained's low_cpu_mem_usage path."""
+    folder = os.path.join(repo, subfolder)
+    files = glob.glob(os.path.join(folder, "*.safetensors")) if os.path.isdir(folder) else []
+    if len(files) == 1 and not glob.glob(os.path.join(folder, "*.index.json")):
+        header = safetensors_header(files[0])
+        if header.pop("__metadata__", {}).get("format", "pt") in ("pd", "np"):
+            with lazy_init():
+                model = (cls.from_config(cls.load_config(folder)) if hasattr(cls, "from_config")
+                         else cls(cls.config_class.from_pretrained(folder)))
+            if read_safetensors_into(model, files[0], header):
+                model.eval()
+                return model
+    model = cls.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir, low_cpu_mem_usage=True)
+    # That path leaves every parameter frozen; these models have none frozen by construction (the scripts freeze)
+    for p in model.parameters():
+        p.stop_gradient = False
+    return model
+
+
+def lazy_init():
+    """Models built inside have their parameters' shapes but neither memory nor initial values (Paddle's LazyGuard;
+    paddlenlp's no_init_weights skips the models' own init code)."""
+    from paddlenlp.transformers.model_utils import no_init_weights
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(paddle.LazyGuard())
+    stack.enter_context(no_init_weights(_enable=True))
+    return stack
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def safetensors_header(path):
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+def read_safetensors_into(model, path, header=None):
+    """Copy the tensors of safetensors file `path` into `model`'s parameters and buffers of the same names, one at a
+    time. False, with nothing copied, when the file's names, shapes or dtypes do not fit the model."""
+    header = dict(header or safetensors_header(path))
+    header.pop("__metadata__", None)
+    live = model.state_dict()
+    if set(header) != set(live) or any(
+            list(live[k].shape) != info["shape"] or info["dtype"] not in _SAFETENSORS_DTYPES
+            for k, info in header.items()):
+        return False
+    trainable = {key: tensor.stop_gradient for key, tensor in live.items()}  # copy_ into a lazy parameter freezes it
+    with open(path, "rb") as f, paddle.no_grad():
+        (length,) = struct.unpack("<Q", f.read(8))
+        for key, info in header.items():
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + length + start)
+            array = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
+            value = paddle.Tensor(array, zero_copy=True)
+            target = live[key]
+            target.copy_(value if value.dtype == target.dtype else value.cast(target.dtype), False)
+            target.stop_gradient = trainable[key]
+    return True
+
+
+def release(c, *names):
+    """Drop the frozen models `names` of component namespace `c` from memory (they can be loaded again by
+    `loaded`, from `c.loaders`)."""
+    import gc
+
+    for name in names:
+        setattr(c, name, None)
+    gc.collect()
+    if "gpu" in paddle.get_device():
+        paddle.device.cuda.empty_cache()  # give the memory back to the device, not only to Paddle's allocator
+
+
+@contextlib.contextmanager
+def loaded(c, names, keep):
+    """The models `names` of `c` in memory for a while: any that is not is loaded from `c.loaders`, and released
+    again afterwards unless `keep`."""
+    missing = [name for name in names if getattr(c, name, None) is None]
+    for name in missing:
+        setattr(c, name, c.loaders[name]())
+    try:
+        yield c
+    finally:
+        if not keep:
+            release(c, *missing)
 
 
 def movq_downscale_factor(movq):
