@@ -16,7 +16,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args)
+    run = training.start_run(args, "decoder", lora=False)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: the whole UNet trains; MoVQ and the CLIP image encoder are frozen
@@ -43,13 +43,12 @@ def main(argv=None):
                          checkpointer, len(ds))
 
     def validate(step):
-        with training.ema_weights(ema, trainable):
-            validation.run(decoder.combined_pipeline(args, c), [unet], args, run.seed, step, loop.tracker, log)
+        with training.ema_weights(ema, trainable), decoder.combined_pipeline(args, c) as pipe:
+            validation.run(pipe, [unet], args, run.seed, step, loop.tracker, log)
 
     def save(folder):
-        # the whole combined pipeline, so `KandinskyV22CombinedPipeline.from_pretrained(output_dir)` works
-        decoder.combined_pipeline(args, c).save_pretrained(folder)
-        return "the fine-tuned pipeline"
+        # the whole combined pipeline: the trained UNet, the repos' other components linked
+        return f"the fine-tuned pipeline ({decoder.save_pipeline(args, c, folder)})"
 
     for epoch in loop.epochs():
         for batch in loop.micro_batches(epoch):

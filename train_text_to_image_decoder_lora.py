@@ -16,7 +16,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args)
+    run = training.start_run(args, "decoder", lora=True)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: everything frozen (the UNet in half precision under --mixed_precision); LoRA layers train
@@ -44,7 +44,8 @@ def main(argv=None):
                          note=f"; {sum(p.size for p in trainable):,} LoRA parameters (rank {args.lora_rank})")
 
     def validate(step):
-        validation.run(decoder.combined_pipeline(args, c), [unet], args, run.seed, step, loop.tracker, log)
+        with decoder.combined_pipeline(args, c) as pipe:
+            validation.run(pipe, [unet], args, run.seed, step, loop.tracker, log)
 
     def save(folder):
         # the LoRA weights only, in the file `load_attn_procs(output_dir)` reads

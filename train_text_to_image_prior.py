@@ -16,7 +16,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args)
+    run = training.start_run(args, "prior", lora=False)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: the whole prior trains (but its clip_mean/std); the CLIP encoders are frozen
@@ -41,13 +41,12 @@ def main(argv=None):
                          checkpointer, len(ds))
 
     def validate(step):
-        with training.ema_weights(ema, trainable):
-            validation.run(prior.combined_pipeline(args, c), [c.prior], args, run.seed, step, loop.tracker, log)
+        with training.ema_weights(ema, trainable), prior.combined_pipeline(args, c) as pipe:
+            validation.run(pipe, [c.prior], args, run.seed, step, loop.tracker, log)
 
     def save(folder):
-        # a KandinskyV22PriorPipeline with the repo's UnCLIPScheduler
-        prior.prior_pipeline(c).save_pretrained(folder)
-        return "the fine-tuned prior pipeline"
+        # a KandinskyV22PriorPipeline: the trained prior, the prior repo's other components linked
+        return f"the fine-tuned prior pipeline ({prior.save_pipeline(args, c, folder)})"
 
     for epoch in loop.epochs():
         for batch in loop.micro_batches(epoch):

@@ -16,7 +16,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args)
+    run = training.start_run(args, "prior", lora=True)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: everything frozen (the prior in half precision under --mixed_precision); LoRA layers train
@@ -42,7 +42,8 @@ def main(argv=None):
                          note=f"; {sum(p.size for p in trainable):,} LoRA parameters (rank {args.lora_rank})")
 
     def validate(step):
-        validation.run(prior.combined_pipeline(args, c), [c.prior], args, run.seed, step, loop.tracker, log)
+        with prior.combined_pipeline(args, c) as pipe:
+            validation.run(pipe, [c.prior], args, run.seed, step, loop.tracker, log)
 
     def save(folder):
         # the LoRA weights only, in the file `load_attn_procs(output_dir)` reads

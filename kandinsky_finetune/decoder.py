@@ -5,6 +5,7 @@ Math: MoVQ latents of the image in [-1, 1] (no scaling factor) are noised with t
 schedule; the UNet sees no text, only the CLIP image embedding of the same image, and its first 4 output
 channels predict the noise (the other 4, a learned variance, are not trained by this loss).
 """
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,25 +16,45 @@ from . import data, models, training
 PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
 
 
+ENCODERS = ("image_encoder", "movq")
+PRIOR_PARTS = ("prior_prior", "prior_text_encoder", "prior_tokenizer", "prior_scheduler")
+
+
 def load_components(args, precision):
-    from ppdiffusers import DDPMScheduler, UNet2DConditionModel, VQModel
-    from ppdiffusers.transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    """The decoder's components in a namespace. MoVQ and the CLIP image encoder are frozen (in half precision under
+    --mixed_precision); `c.loaders` can load them again once `cached_dataset` has released them. The rest of the
+    prior, which only validation uses, is loaded when validation first needs it."""
+    from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, VQModel
+    from ppdiffusers.transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                          CLIPVisionModelWithProjection)
 
     decoder_repo, prior_repo = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
     models.check_repo(decoder_repo, models.DECODER_SUBFOLDERS, DECODER_FLAG)
     models.check_repo(prior_repo, models.PRIOR_SUBFOLDERS, PRIOR_FLAG)
+    load = lambda cls, sub: models.load(cls, decoder_repo, sub, DECODER_FLAG, args.cache_dir)  # noqa: E731
+    load_prior = lambda cls, sub: models.load(cls, prior_repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
+
+    def frozen(model):
+        training.freeze(model)
+        precision.cast_frozen(model)
+        models.skip_fp32_upcasts(precision, model)
+        return model
+
     c = SimpleNamespace(
-        noise_scheduler=models.load(DDPMScheduler, decoder_repo, "scheduler", DECODER_FLAG, args.cache_dir),
-        image_processor=models.load(CLIPImageProcessor, prior_repo, "image_processor", PRIOR_FLAG, args.cache_dir),
-        image_encoder=training.freeze(models.load(CLIPVisionModelWithProjection, prior_repo, "image_encoder",
-                                                  PRIOR_FLAG, args.cache_dir)),
-        movq=training.freeze(models.load(VQModel, decoder_repo, "movq", DECODER_FLAG, args.cache_dir)),
-        unet=models.load(UNet2DConditionModel, decoder_repo, "unet", DECODER_FLAG, args.cache_dir),
-        prior_parts={})
+        noise_scheduler=load(DDPMScheduler, "scheduler"),
+        image_processor=load_prior(CLIPImageProcessor, "image_processor"),
+        loaders={"image_encoder": lambda: frozen(load_prior(CLIPVisionModelWithProjection, "image_encoder")),
+                 "movq": lambda: frozen(load(VQModel, "movq")),
+                 "prior_prior": lambda: load_prior(PriorTransformer, "prior"),
+                 "prior_text_encoder": lambda: load_prior(CLIPTextModelWithProjection, "text_encoder"),
+                 "prior_tokenizer": lambda: load_prior(CLIPTokenizer, "tokenizer"),
+                 "prior_scheduler": lambda: load_prior(UnCLIPScheduler, "scheduler")},
+        **dict.fromkeys(PRIOR_PARTS))
+    c.image_encoder, c.movq = c.loaders["image_encoder"](), c.loaders["movq"]()
+    c.unet = load(UNet2DConditionModel, "unet")
     c.factor = models.movq_downscale_factor(c.movq)
     models.check_resolution(args.resolution, c.factor, "training images")
-    precision.cast_frozen(c.image_encoder, c.movq)
-    models.skip_fp32_upcasts(precision, c.unet, c.movq)
+    models.skip_fp32_upcasts(precision, c.unet)
     return c
 
 
@@ -48,7 +69,8 @@ def encode(c, precision, pixel_values, clip_pixel_values):
 def cached_dataset(ds, args, c, run):
     """--cache_encoder_outputs: ds's images replaced by the encoders' outputs for each view a step can draw
     (the image, and its mirror image with --random_flip). When the augmentation cannot be cached exactly (a random
-    crop of an image that is not square), ds itself, after a one-line warning."""
+    crop of an image that is not square), ds itself, after a one-line warning. Once the outputs are cached, training
+    needs the encoders no more: they are released (validation and the final save load them again)."""
     import datasets
 
     from . import cache
@@ -78,7 +100,9 @@ def cached_dataset(ds, args, c, run):
     key = ["decoder", args.image_column, args.resolution, args.center_crop, flips,
            cache.model_fingerprint(c.movq), cache.model_fingerprint(c.image_encoder), c.image_processor.to_dict(),
            run.precision.dtype, paddle.get_device().split(":")[0]]
-    return cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
+    encoded = cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
+    models.release(c, *ENCODERS)
+    return encoded
 
 
 def sample_maker(args, c):
@@ -122,18 +146,26 @@ def loss(c, model, batch, snr_gamma, precision):
     return training.diffusion_loss(pred, target, timesteps, c.noise_scheduler, snr_gamma)
 
 
-def combined_pipeline(args, c):
-    """A KandinskyV22CombinedPipeline around the live UNet; the prior's components are loaded once, on first use."""
-    from ppdiffusers import KandinskyV22CombinedPipeline, PriorTransformer, UnCLIPScheduler
-    from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer
+def save_pipeline(args, c, folder):
+    """The full decoder script's output: a KandinskyV22CombinedPipeline folder, the trained UNet with the decoder
+    repo's MoVQ and scheduler and the prior repo's components (linked, see output.py), so
+    `KandinskyV22CombinedPipeline.from_pretrained(output_dir)` works."""
+    from . import output
 
-    repo = args.pretrained_prior_model_name_or_path
-    if not c.prior_parts:
-        c.prior_parts.update(
-            prior_prior=models.load(PriorTransformer, repo, "prior", PRIOR_FLAG, args.cache_dir),
-            prior_text_encoder=models.load(CLIPTextModelWithProjection, repo, "text_encoder", PRIOR_FLAG, args.cache_dir),
-            prior_tokenizer=models.load(CLIPTokenizer, repo, "tokenizer", PRIOR_FLAG, args.cache_dir),
-            prior_scheduler=models.load(UnCLIPScheduler, repo, "scheduler", PRIOR_FLAG, args.cache_dir))
-    return KandinskyV22CombinedPipeline(unet=c.unet, scheduler=c.noise_scheduler, movq=c.movq,
-                                        prior_image_encoder=c.image_encoder, prior_image_processor=c.image_processor,
-                                        **c.prior_parts)
+    decoder_repo, prior_repo = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
+    sources = {"scheduler": (decoder_repo, "scheduler", DECODER_FLAG), "movq": (decoder_repo, "movq", DECODER_FLAG),
+               **{"prior_" + name: (prior_repo, name, PRIOR_FLAG) for name in output.PRIOR_COMPONENTS}}
+    return output.save_pipeline(folder, "KandinskyV22CombinedPipeline", output.COMBINED_COMPONENTS, {"unet": c.unet},
+                                sources, args.cache_dir)
+
+
+@contextlib.contextmanager
+def combined_pipeline(args, c):
+    """A KandinskyV22CombinedPipeline around the live UNet, with the models it needs beyond training's loaded for
+    it: kept for the next validation, or, with --cache_encoder_outputs, released after (training does not use them)."""
+    from ppdiffusers import KandinskyV22CombinedPipeline
+
+    with models.loaded(c, ENCODERS + PRIOR_PARTS, keep=not args.cache_encoder_outputs):
+        yield KandinskyV22CombinedPipeline(unet=c.unet, scheduler=c.noise_scheduler, movq=c.movq,
+                                           prior_image_encoder=c.image_encoder, prior_image_processor=c.image_processor,
+                                           **{name: getattr(c, name) for name in PRIOR_PARTS})

@@ -6,6 +6,7 @@ noised with the squaredcos_cap_v2 DDPM schedule; the prior predicts the clean no
 (prediction_type "sample") from the noisy one, the timestep, the text embedding, the text encoder's last
 hidden state and the text mask.
 """
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,8 +17,15 @@ from . import data, models, training
 PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
 
 
+ENCODERS = ("image_encoder", "text_encoder")
+DECODER_PARTS = ("decoder_unet", "decoder_movq", "decoder_scheduler")
+
+
 def load_components(args, precision, needs_decoder):
-    from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler
+    """The prior's components in a namespace. The CLIP encoders are frozen (in half precision under
+    --mixed_precision); `c.loaders` can load them again once `cached_dataset` has released them. The decoder's
+    models, which only turn validation embeddings into images, are loaded when validation first needs them."""
+    from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                                           CLIPVisionModelWithProjection)
 
@@ -28,6 +36,13 @@ def load_components(args, precision, needs_decoder):
         models.check_resolution(args.resolution, models.movq_downscale_factor_of_repo(
             decoder_repo, DECODER_FLAG, args.cache_dir), "validation images")
     load = lambda cls, sub: models.load(cls, repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
+    load_decoder = lambda cls, sub: models.load(cls, decoder_repo, sub, DECODER_FLAG, args.cache_dir)  # noqa: E731
+
+    def frozen_encoder(cls, sub):
+        model = training.freeze(load(cls, sub))
+        precision.cast_frozen(model)
+        return model
+
     c = SimpleNamespace(
         # Training uses the DDPM form of the prior's noise schedule; saved pipelines keep the repo's
         # UnCLIPScheduler, which the prior pipeline needs at inference.
@@ -35,14 +50,17 @@ def load_components(args, precision, needs_decoder):
         inference_scheduler=load(UnCLIPScheduler, "scheduler"),
         image_processor=load(CLIPImageProcessor, "image_processor"),
         tokenizer=load(CLIPTokenizer, "tokenizer"),
-        image_encoder=training.freeze(load(CLIPVisionModelWithProjection, "image_encoder")),
-        text_encoder=training.freeze(load(CLIPTextModelWithProjection, "text_encoder")),
-        prior=load(PriorTransformer, "prior"),
-        decoder_parts={})
+        loaders={"image_encoder": lambda: frozen_encoder(CLIPVisionModelWithProjection, "image_encoder"),
+                 "text_encoder": lambda: frozen_encoder(CLIPTextModelWithProjection, "text_encoder"),
+                 "decoder_unet": lambda: load_decoder(UNet2DConditionModel, "unet"),
+                 "decoder_movq": lambda: load_decoder(VQModel, "movq"),
+                 "decoder_scheduler": lambda: load_decoder(DDPMScheduler, "scheduler")},
+        **dict.fromkeys(DECODER_PARTS))
+    c.image_encoder, c.text_encoder = c.loaders["image_encoder"](), c.loaders["text_encoder"]()
+    c.prior = load(PriorTransformer, "prior")
     # clip_mean / clip_std are the fixed statistics of the CLIP image embeddings, not weights to learn
     c.prior.clip_mean.stop_gradient = c.prior.clip_std.stop_gradient = True
     c.clip_mean, c.clip_std = c.prior.clip_mean.detach(), c.prior.clip_std.detach()
-    precision.cast_frozen(c.image_encoder, c.text_encoder)
     models.skip_fp32_upcasts(precision, c.prior)
     return c
 
@@ -64,7 +82,8 @@ def encode(c, precision, text_input_ids, clip_pixel_values):
 def cached_dataset(ds, args, c, run):
     """--cache_encoder_outputs: ds's images and captions replaced by the encoders' outputs, for every caption of
     a row (so the random pick among a list still happens per step). The text encoder's hidden states are kept
-    up to each caption's length only: the prior never attends to padding (its mask), so zeros restore it exactly."""
+    up to each caption's length only: the prior never attends to padding (its mask), so zeros restore it exactly.
+    Training needs the encoders no more: they are released (validation and the final save load them again)."""
     import datasets
 
     from . import cache
@@ -96,7 +115,9 @@ def cached_dataset(ds, args, c, run):
            cache.model_fingerprint(c.text_encoder), c.image_processor.to_dict(),
            cache.fingerprint(sorted(c.tokenizer.get_vocab().items()), c.tokenizer.model_max_length),
            run.precision.dtype, paddle.get_device().split(":")[0]]
-    return cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
+    encoded = cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
+    models.release(c, *ENCODERS)
+    return encoded
 
 
 def sample_maker(args, c):
@@ -148,14 +169,23 @@ def prior_pipeline(c):
                                      image_processor=c.image_processor)
 
 
-def combined_pipeline(args, c):
-    """A KandinskyV22CombinedPipeline around the live prior; the decoder's components are loaded once, on first use."""
-    from ppdiffusers import DDPMScheduler, KandinskyV22CombinedPipeline, UNet2DConditionModel, VQModel
+def save_pipeline(args, c, folder):
+    """The full prior script's output: a KandinskyV22PriorPipeline folder, the trained prior with the prior repo's
+    other components (linked, see output.py)."""
+    from . import output
 
-    repo = args.pretrained_decoder_model_name_or_path
-    if not c.decoder_parts:
-        c.decoder_parts.update(unet=models.load(UNet2DConditionModel, repo, "unet", DECODER_FLAG, args.cache_dir),
-                               movq=models.load(VQModel, repo, "movq", DECODER_FLAG, args.cache_dir),
-                               scheduler=models.load(DDPMScheduler, repo, "scheduler", DECODER_FLAG, args.cache_dir))
-    return KandinskyV22CombinedPipeline(**c.decoder_parts,
-                                        **{"prior_" + k: v for k, v in prior_pipeline(c).components.items()})
+    repo = args.pretrained_prior_model_name_or_path
+    return output.save_pipeline(folder, "KandinskyV22PriorPipeline", output.PRIOR_COMPONENTS, {"prior": c.prior},
+                                {name: (repo, name, PRIOR_FLAG) for name in output.PRIOR_COMPONENTS if name != "prior"},
+                                args.cache_dir)
+
+
+@contextlib.contextmanager
+def combined_pipeline(args, c):
+    """A KandinskyV22CombinedPipeline around the live prior, with the models it needs beyond training's loaded for
+    it: kept for the next validation, or, with --cache_encoder_outputs, released after (training does not use them)."""
+    from ppdiffusers import KandinskyV22CombinedPipeline
+
+    with models.loaded(c, ENCODERS + DECODER_PARTS, keep=not args.cache_encoder_outputs):
+        yield KandinskyV22CombinedPipeline(unet=c.decoder_unet, movq=c.decoder_movq, scheduler=c.decoder_scheduler,
+                                           **{"prior_" + k: v for k, v in prior_pipeline(c).components.items()})

@@ -4,6 +4,7 @@ import contextlib
 import math
 import os
 import signal
+import weakref
 
 import paddle
 import paddle.nn.functional as F
@@ -83,6 +84,17 @@ def build_optimizer(parameters, args, sampler):
     return optimizer, lr_scheduler
 
 
+def release_optimizer_state(optimizer):
+    """Free the optimizer's moments (8 bytes per trained parameter in AdamW) once no step and no checkpoint needs
+    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables."""
+    for table in ("_accumulators", "_master_weights", "_accumulators_holder"):
+        if isinstance(getattr(optimizer, table, None), dict):
+            getattr(optimizer, table).clear()
+    import gc
+
+    gc.collect()
+
+
 def as_tensor(x):
     """A loader's tensor as it is, a numpy array (the cache's encoding batches) as a tensor."""
     return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
@@ -113,7 +125,7 @@ class Precision:
             raise UsageError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16")
         self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(mode) if self.enabled else "float32"
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if self.enabled and mode == "fp16" else None
-        self._cast = []
+        self._cast = weakref.WeakSet()  # a frozen model released during the run is not kept alive here
 
     def autocast(self):
         if not self.enabled:
@@ -125,7 +137,7 @@ class Precision:
         if self.enabled:
             for m in models:
                 m.to(dtype=self.dtype)
-                self._cast.append(m)
+                self._cast.add(m)
 
     def frozen_back_to_fp32(self):
         """At the end of training: the frozen models that were cast are saved as they were loaded, in fp32."""
@@ -305,7 +317,8 @@ class Loop:
             self.log.warn(warning)
         self.precision.step(self.optimizer)
         self.lr_scheduler.step()
-        self.optimizer.clear_grad()
+        # Gradients are freed, not zeroed: between steps (checkpoints, validation) their memory is free
+        self.optimizer.clear_grad(set_to_zero=False)
         if self.ema is not None:
             self.ema.step(self.trainable)
         self.global_step += 1
@@ -370,6 +383,7 @@ class Loop:
 
         self.bar.close()
         self.clock.stop_training()
+        release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
         distributed.barrier(self.ctx)
         try:
             if self.ctx.is_main:
@@ -391,9 +405,10 @@ class Loop:
 
 
 # ---------------------------------------------------------------- start-up
-def start_run(args):
-    """What every script does first: devices and processes, logging, precision, the seed, and the checkpoint
-    to resume from (whose seed wins, so a resumed run continues the same shuffles and noise)."""
+def start_run(args, kind, lora):
+    """What every script does first: devices and processes, logging, the memory plan of this `kind` ("prior" or
+    "decoder") of run (all that --print_memory_plan does), precision, the seed, and the checkpoint to resume from
+    (whose seed wins, so a resumed run continues the same shuffles and noise)."""
     from types import SimpleNamespace
 
     from . import checkpoint, distributed, tracking
@@ -403,6 +418,11 @@ def start_run(args):
     ctx = distributed.setup(args.local_rank)
     use_cpu_cores(ctx)
     log = tracking.Log(ctx.is_main)
+    from . import memory_plan
+
+    memory_plan.report(args, kind, lora, log)
+    if args.print_memory_plan:
+        raise SystemExit(0)
     tracking.check_available(args.report_to)
     if args.push_to_hub and ctx.is_main:
         from . import hub
