@@ -80,6 +80,9 @@ def build_parser(description, lora=False):
     a("--checkpointing_steps", type=int, default=500,
       help="Save a checkpoint-<N> folder (weights and training state) every N optimizer steps.")
     a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoint folders.")
+    a("--print_memory_plan", action="store_true",
+      help="Print the per-device memory plan (weights, gradients, optimizer states, EMA, frozen models, activations; "
+           "from the model configs, no weights loaded, no dataset needed) and exit. Every run logs it first.")
     a("--resume_from_checkpoint", default=None,
       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
     if lora:
@@ -116,6 +119,8 @@ def parse(parser, argv=None):
 
 
 def check(args):
+    if args.print_memory_plan:  # needs the models' configs only
+        return
     if args.dataset_name is None and args.train_data_dir is None:
         raise UsageError("give a dataset: --dataset_name (hub name or local folder) or --train_data_dir (imagefolder)")
     if args.dataset_name is not None and args.train_data_dir is not None:

@@ -1,0 +1,162 @@
+"""Memory at real size without building anything big: the real architectures' parameter counts (models built
+without memory), the memory plan's arithmetic against measured sizes on the tiny models, loading without a second
+copy of the weights, frozen encoders released once their outputs are cached."""
+import glob
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import model_args, run_script
+from kandinsky_finetune import memory_plan, models, params, tiny_models
+
+
+@pytest.mark.parametrize("name,expected", [
+    # exact counts published for the hub repos' weights (kandinsky-community/kandinsky-2-2-prior, -decoder)
+    ("prior", 1_026_225_920), ("unet", 1_253_057_288), ("movq", 67_832_495),
+    # CLIP ViT-bigG/14 text tower with projection, from its config (vocab 49408, 77 positions, 32 x 1280, MLP 5120)
+    ("text_encoder", 49408 * 1280 + 77 * 1280 + 32 * (4 * (1280 * 1280 + 1280) + 2 * 1280 * 5120 + 5120 + 1280
+                                                      + 4 * 1280) + 2 * 1280 + 1280 * 1280),
+])
+def test_real_architectures_have_the_published_parameter_counts(name, expected):
+    with models.lazy_init():  # shapes only: nothing is allocated
+        model = tiny_models.build_model(tiny_models.REAL_SPEC, name)
+    assert memory_plan.parameters(model) == expected
+
+
+def test_real_image_encoder_is_vit_bigg():
+    with models.lazy_init():
+        model = tiny_models.build_model(tiny_models.REAL_SPEC, "image_encoder")
+    # OpenCLIP ViT-bigG/14: 1844.9M parameters with its 1280-wide projection
+    assert abs(memory_plan.parameters(model) - 1844.9e6) < 0.1e6
+
+
+def plan_args(tiny, *extra, lora=False):
+    parser = params.build_parser("test", lora=lora)
+    params.add_prior_args(parser)
+    return params.parse(parser, model_args(tiny, "unused", *extra))
+
+
+def test_plan_matches_measured_parameter_and_optimizer_sizes(tiny):
+    """The plan's trained weights, gradients and AdamW states against the tensors a real step creates."""
+    from ppdiffusers import PriorTransformer
+
+    plan = memory_plan.build(plan_args(tiny, "--use_ema"), "prior", lora=False)
+    items = {label: size for label, size, _ in plan.phases["training"]}
+    prior = models.load(PriorTransformer, tiny.prior, "prior", "--x")
+    trainable = [p for p in prior.parameters() if not p.stop_gradient]
+    weights = sum(p.size * p.element_size() for p in trainable)
+    optimizer = paddle.optimizer.AdamW(parameters=trainable)
+    for p in trainable:
+        p.grad = paddle.ones_like(p)  # noqa: one step creates the moments
+    gradients = sum(p.grad.size * p.grad.element_size() for p in trainable)
+    optimizer.step()
+    moments = sum(t.size * t.element_size() for table in optimizer._accumulators.values() for t in table.values()
+                  if t.size > 1)  # the moments; the beta-power scalars are a few bytes per tensor
+    assert items["trained weights"] == weights
+    assert items["gradients"] == gradients
+    assert items["optimizer states"] == moments
+    assert items["EMA"] == weights
+
+
+def test_plan_counts_lora_parameters_as_add_lora_makes_them(tiny):
+    from ppdiffusers import PriorTransformer
+
+    from kandinsky_finetune import lora
+
+    plan = memory_plan.build(plan_args(tiny, "--lora_rank", 3, lora=True), "prior", lora=True)
+    items = {label: size for label, size, _ in plan.phases["training"]}
+    prior = models.load(PriorTransformer, tiny.prior, "prior", "--x")
+    assert items["trained weights"] == 4 * sum(p.size for p in lora.add_lora(prior, 3))
+    assert items["frozen base model"] == 4 * sum(p.size for p in prior.parameters() if p.stop_gradient)
+
+
+def test_plan_releases_encoders_with_the_cache_and_knows_checkpointing(tiny):
+    plain = memory_plan.build(plan_args(tiny), "prior", lora=False)
+    cached = memory_plan.build(plan_args(tiny, "--cache_encoder_outputs", "--gradient_checkpointing"), "prior",
+                               lora=False)
+    frozen = lambda plan: dict((l, b) for l, b, _ in plan.phases["training"])["frozen encoders"]  # noqa: E731
+    activations = lambda plan: dict((l, b) for l, b, _ in plan.phases["training"])["activations"]  # noqa: E731
+    assert frozen(plain) > 0 and frozen(cached) == 0
+    assert "encoding" in cached.phases and "encoding" not in plain.phases
+    assert activations(cached) < activations(plain)
+
+
+def test_print_memory_plan_needs_no_dataset_and_loads_no_weights(tiny, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("train_text_to_image_decoder.py", "--pretrained_prior_model_name_or_path", tiny.prior,
+                      "--pretrained_decoder_model_name_or_path", tiny.decoder, "--resolution", 256,
+                      "--output_dir", out, "--print_memory_plan")
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("memory plan per device (fp32, batch 1, 256 px): "), lines
+    assert any(line.split()[:2] == ["trained", "weights"] and "the unet" in line for line in lines)
+    assert not out.exists()
+
+
+def test_a_plan_that_cannot_be_computed_is_one_warning_line(tiny, tmp_path):
+    """A repo whose image_encoder has no config: the plan says so in one warning and the run goes on (to fail on
+    loading that encoder, with its own one-line error)."""
+    import shutil
+
+    repo = tmp_path / "prior"
+    shutil.copytree(tiny.prior, repo)
+    os.remove(repo / "image_encoder" / "config.json")
+    proc = run_script("train_text_to_image_prior.py", *model_args(tiny, tmp_path / "out", "--max_train_steps", 1),
+                      "--pretrained_prior_model_name_or_path", repo, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert any(line.startswith("warning: no memory plan: ") for line in lines), lines
+    assert "Traceback" not in proc.stderr
+
+
+def test_models_load_without_a_second_copy_and_equal_from_pretrained(tiny, monkeypatch):
+    """A safetensors model is filled tensor by tensor into a lazily built model (from_pretrained is not called),
+    with the same weights as from_pretrained and every parameter trainable, as a constructed model has them."""
+    from ppdiffusers import PriorTransformer, UNet2DConditionModel, VQModel
+
+    for cls, repo, sub in [(PriorTransformer, tiny.prior, "prior"), (UNet2DConditionModel, tiny.decoder, "unet"),
+                           (VQModel, tiny.decoder, "movq")]:
+        reference = cls.from_pretrained(repo, subfolder=sub).state_dict()
+        with monkeypatch.context() as m:
+            m.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("from_pretrained was called")))
+            model = models.load(cls, repo, sub, "--flag")
+        state = model.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(np.array_equal(state[k].numpy(), reference[k].numpy()) for k in state)
+        assert not any(p.stop_gradient for p in model.parameters()) and not model.training
+
+
+def test_cached_runs_train_without_the_frozen_encoders_and_validate_with_them(tiny, tmp_path, monkeypatch):
+    """--cache_encoder_outputs: after encoding, no step has the CLIP encoders (prior) or the CLIP image encoder and
+    MoVQ (decoder) in memory; validation loads what it needs and releases it again."""
+    import train_text_to_image_decoder_lora as decoder_lora
+    import train_text_to_image_prior as prior_script
+    from kandinsky_finetune import decoder, prior, validation
+
+    for script, task, names in [(prior_script, prior, ("image_encoder", "text_encoder")),
+                                (decoder_lora, decoder, ("image_encoder", "movq"))]:
+        resident, at_validation = [], []
+        loss, run = task.loss, validation.run
+
+        def spy_loss(c, *a, **k):
+            resident.append([getattr(c, n) is not None for n in names])
+            spy_loss.c = c
+            return loss(c, *a, **k)
+
+        def spy_validation(pipe, *a, **k):
+            at_validation.append([getattr(spy_loss.c, n) is not None for n in names])
+            run(pipe, *a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(task, "loss", spy_loss)
+            m.setattr(validation, "run", spy_validation)
+            extra = (["--validation_prompts", "a red picture"] if script is prior_script else
+                     ["--validation_prompt", "a red picture", "--num_validation_images", 1, "--center_crop"])
+            script.main(model_args(tiny, tmp_path / script.__name__, "--max_train_steps", 4, "--train_batch_size", 4,
+                                   "--cache_encoder_outputs", "--validation_epochs", 1, *extra))
+        assert resident == [[False, False]] * 4
+        assert at_validation and all(v == [True, True] for v in at_validation)
+        assert [getattr(spy_loss.c, n) for n in names] == [None, None]  # released again after the last one
+        images = glob.glob(str(tmp_path / script.__name__ / "validation" / "*" / "*.png"))
+        assert images
