@@ -19,7 +19,9 @@ from .faults import RunError, first_line, is_write_error
 from .params import UsageError
 
 PREFIX = "checkpoint-"
-STATE_FILE = "training_state.pdparams"
+STATE_FILE = "training_state.pdparams"  # step, seed, schedules; written last of all, so it marks a complete checkpoint
+STATE_TENSORS = "training_state.safetensors"  # the optimizer's and EMA's tensors, written a tensor at a time
+_TENSOR = "__tensor__"  # stands in STATE_FILE for a tensor kept in STATE_TENSORS
 TMP = ".tmp-"  # unfinished work: removed by the next run
 PIPELINE_INDEX = "model_index.json"  # what makes a folder load as a pipeline: moved into place last
 
@@ -55,7 +57,7 @@ def save(output_dir, step, write_weights, state, total_limit=None):
     tmp = os.path.join(output_dir, f"{TMP}{PREFIX}{step}")
     with _writing(tmp, f"checkpoint {final}", output_dir):
         write_weights(tmp)
-        paddle.save(state, os.path.join(tmp, STATE_FILE))
+        write_state(state, tmp)
         _sync(tmp)
         _discard(final)  # e.g. a resumed run reaching the same step again
         os.rename(tmp, final)
@@ -204,11 +206,13 @@ def full_model_weights(model, name, ema=None, trainable=None):
     each loadable with `from_pretrained`."""
     from .training import ema_weights
 
+    from .models import save_model
+
     def save_weights(folder):
-        model.save_pretrained(os.path.join(folder, name))
+        save_model(model, os.path.join(folder, name))
         if ema is not None:
             with ema_weights(ema, trainable):
-                model.save_pretrained(os.path.join(folder, f"{name}_ema"))
+                save_model(model, os.path.join(folder, f"{name}_ema"))
 
     def load_weights(folder):
         load_weights_into(model, os.path.join(folder, name))
@@ -230,8 +234,50 @@ def resolve(resume_from, output_dir):
     return path
 
 
+def write_state(state, folder):
+    """The training state: its tensors (AdamW's moments, EMA weights: 12 bytes per trained parameter) streamed to
+    STATE_TENSORS, the rest pickled to STATE_FILE. paddle.save of the whole state would hold a host copy of every
+    tensor until the file is complete (its pickler keeps them), twice the optimizer's memory at real size."""
+    from .models import write_safetensors
+
+    tensors = {}
+    skeleton = _split(state, "", tensors)
+    write_safetensors(tensors, os.path.join(folder, STATE_TENSORS))
+    paddle.save(skeleton, os.path.join(folder, STATE_FILE))
+
+
 def load_state(path):
-    return paddle.load(os.path.join(path, STATE_FILE))
+    """The training state written by `write_state` (or, from older checkpoints, pickled whole)."""
+    state = paddle.load(os.path.join(path, STATE_FILE))
+    tensors_file = os.path.join(path, STATE_TENSORS)
+    if not os.path.isfile(tensors_file):
+        return state
+    from .models import read_safetensors
+
+    tensors = read_safetensors(tensors_file)
+    return _join(state, tensors.__getitem__)
+
+
+def _split(obj, path, tensors):
+    """`obj` with each tensor replaced by {_TENSOR: its path}, the tensors collected in `tensors` by path."""
+    if isinstance(obj, paddle.Tensor):
+        tensors[path] = obj
+        return {_TENSOR: path}
+    if isinstance(obj, dict):
+        return {k: _split(v, f"{path}/{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj))
+    return obj
+
+
+def _join(obj, tensor):
+    if isinstance(obj, dict):
+        if obj.keys() == {_TENSOR}:
+            return tensor(obj[_TENSOR])
+        return {k: _join(v, tensor) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_join(v, tensor) for v in obj)
+    return obj
 
 
 def load_weights_into(model, folder):

@@ -116,8 +116,9 @@ def unet_activations(unet, side, checkpointing):
 
 
 # ---------------------------------------------------------------- the plan
-def build(args, kind, lora):
-    """The plan of a run of the `kind` ("prior" or "decoder") script, full or LoRA, from the repos' configs."""
+def build(args, kind, lora, device=None):
+    """The plan of a run of the `kind` ("prior" or "decoder") script, full or LoRA, from the repos' configs, on
+    `device` ("gpu" or "cpu"; default: this process's device)."""
     import paddle
     from ppdiffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -136,7 +137,7 @@ def build(args, kind, lora):
               for name in [trained_model, *encoders, *validation_models]}
     counts = {name: parameters(model) for name, model in models.items()}
 
-    gpu = "gpu" in paddle.get_device()
+    gpu = (device or paddle.get_device()).startswith("gpu")
     half = gpu and args.mixed_precision != "no"
     frozen_bytes = 2 if half else 4
     act_bytes = 2 if half else 4
@@ -166,7 +167,7 @@ def build(args, kind, lora):
     acts = ("activations", activations, f"estimate, batch {batch}" +
             (", gradient checkpointing" if args.gradient_checkpointing else ""))
 
-    plan = Plan(f"{'fp16/bf16 autocast' if half else 'fp32'}, batch {batch}"
+    plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
                 + (f", {args.resolution} px" if kind == "decoder" else ""))
     if cached:
         plan.phases["encoding"] = weights + [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
@@ -180,11 +181,11 @@ def build(args, kind, lora):
     return plan
 
 
-def report(args, kind, lora, log):
+def report(args, kind, lora, log, device=None):
     """Log the plan before any weights load; on a GPU, compare it with the device's memory and name the flags that
     would make it fit. A plan that cannot be computed, or a memory size that cannot be read, is one line."""
     try:
-        plan = build(args, kind, lora)
+        plan = build(args, kind, lora, device)
     except Exception as e:  # an unknown model class, a missing config: the run goes on without a plan
         log.warn(f"no memory plan: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         return None
@@ -192,7 +193,7 @@ def report(args, kind, lora, log):
         log(line)
     import paddle
 
-    if "gpu" not in paddle.get_device():
+    if "gpu" not in paddle.get_device():  # (a plan for a GPU made elsewhere has no device to compare with)
         return plan
     try:
         capacity = paddle.device.cuda.get_device_properties().total_memory

@@ -85,6 +85,57 @@ def safetensors_header(path):
         return json.loads(f.read(length))
 
 
+_SAFETENSORS_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as a safetensors file, one tensor in host memory at a time (safetensors' own writer, and
+    save_pretrained, first copy every tensor to a host array: a second copy of the whole model)."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.size * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[str(tensor.dtype).replace("paddle.", "")],
+                        "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors.values():
+            tensor.numpy().tofile(f)  # (a bfloat16 tensor comes out as its raw 16-bit words)
+
+
+def save_model(model, folder):
+    """What `save_pretrained` writes for a ppdiffusers model (its config and one Paddle-layout safetensors file),
+    written a tensor at a time."""
+    from ppdiffusers.utils.constants import PADDLE_SAFETENSORS_WEIGHTS_NAME
+
+    os.makedirs(folder, exist_ok=True)
+    model.save_config(folder)
+    write_safetensors(model.state_dict(), os.path.join(folder, PADDLE_SAFETENSORS_WEIGHTS_NAME), {"format": "pd"})
+
+
+def read_safetensors(path):
+    """{name: tensor} of a safetensors file, read a tensor at a time (on the current device)."""
+    return {name: paddle.to_tensor(array) for name, array in _arrays(path, safetensors_header(path))}
+
+
+def _arrays(path, header):
+    """(name, numpy array) for each tensor of the file, read with plain file reads, one at a time."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + length + start)
+            yield name, np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
+
+
 def read_safetensors_into(model, path, header=None):
     """Copy the tensors of safetensors file `path` into `model`'s parameters and buffers of the same names, one at a
     time. False, with nothing copied, when the file's names, shapes or dtypes do not fit the model."""
@@ -96,13 +147,8 @@ def read_safetensors_into(model, path, header=None):
             for k, info in header.items()):
         return False
     trainable = {key: tensor.stop_gradient for key, tensor in live.items()}  # copy_ into a lazy parameter freezes it
-    with open(path, "rb") as f, paddle.no_grad():
-        (length,) = struct.unpack("<Q", f.read(8))
-        for key, info in header.items():
-            start, end = info["data_offsets"]
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            f.seek(8 + length + start)
-            array = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
+    with paddle.no_grad():
+        for key, array in _arrays(path, header):
             value = paddle.Tensor(array, zero_copy=True)
             target = live[key]
             target.copy_(value if value.dtype == target.dtype else value.cast(target.dtype), False)

@@ -42,8 +42,10 @@ class PipelineWriter:
         self.folder, self.written, self.linked = folder, 0, 0
 
     def save(self, name, model):
-        """A model written anew (the trained one)."""
-        model.save_pretrained(os.path.join(self.folder, name))
+        """A model written anew (the trained one), a tensor at a time."""
+        from .models import save_model
+
+        save_model(model, os.path.join(self.folder, name))
         self.written += _size(os.path.join(self.folder, name))
 
     def take(self, name, repo, subfolder, library_class, flag, cache_dir=None):

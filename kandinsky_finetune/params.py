@@ -80,9 +80,10 @@ def build_parser(description, lora=False):
     a("--checkpointing_steps", type=int, default=500,
       help="Save a checkpoint-<N> folder (weights and training state) every N optimizer steps.")
     a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoint folders.")
-    a("--print_memory_plan", action="store_true",
+    a("--print_memory_plan", nargs="?", const="here", choices=["here", "gpu", "cpu"], default=None,
       help="Print the per-device memory plan (weights, gradients, optimizer states, EMA, frozen models, activations; "
-           "from the model configs, no weights loaded, no dataset needed) and exit. Every run logs it first.")
+           "from the model configs: no weights loaded, no dataset needed) for this machine's device, or for a GPU "
+           "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")
     a("--resume_from_checkpoint", default=None,
       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
     if lora:

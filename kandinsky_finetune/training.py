@@ -4,7 +4,6 @@ import contextlib
 import math
 import os
 import signal
-import weakref
 
 import paddle
 import paddle.nn.functional as F
@@ -125,7 +124,6 @@ class Precision:
             raise UsageError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16")
         self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(mode) if self.enabled else "float32"
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if self.enabled and mode == "fp16" else None
-        self._cast = weakref.WeakSet()  # a frozen model released during the run is not kept alive here
 
     def autocast(self):
         if not self.enabled:
@@ -133,16 +131,11 @@ class Precision:
         return paddle.amp.auto_cast(enable=True, dtype=self.dtype, level="O1")
 
     def cast_frozen(self, *models):
-        """Frozen models run in the low precision to save memory; nothing trains in it."""
+        """Frozen models run in the low precision to save memory; nothing trains in it, and outputs take the frozen
+        components from their source files (output.py), never from these copies."""
         if self.enabled:
             for m in models:
                 m.to(dtype=self.dtype)
-                self._cast.add(m)
-
-    def frozen_back_to_fp32(self):
-        """At the end of training: the frozen models that were cast are saved as they were loaded, in fp32."""
-        for m in self._cast:
-            m.to(dtype="float32")
 
     def backward(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -392,7 +385,6 @@ class Loop:
                 self._check_weights()
                 if prompts(self.args):
                     self._validate(validate)
-                self.precision.frozen_back_to_fp32()
                 with self.clock.phase("saving"):
                     what = checkpoint.publish(self.args.output_dir, save)
                 self.log(f"saved {what} to {self.args.output_dir}")
@@ -420,7 +412,8 @@ def start_run(args, kind, lora):
     log = tracking.Log(ctx.is_main)
     from . import memory_plan
 
-    memory_plan.report(args, kind, lora, log)
+    memory_plan.report(args, kind, lora, log, device=None if args.print_memory_plan in (None, "here")
+                       else args.print_memory_plan)
     if args.print_memory_plan:
         raise SystemExit(0)
     tracking.check_available(args.report_to)

@@ -55,6 +55,7 @@ def state_dict_of(folder):
     """Weights saved by save_pretrained in `folder` (safetensors), as numpy arrays."""
     from safetensors.numpy import load_file
 
-    files = glob.glob(os.path.join(str(folder), "*.safetensors"))
+    files = [f for f in glob.glob(os.path.join(str(folder), "*.safetensors"))
+             if os.path.basename(f) != "training_state.safetensors"]  # (a LoRA checkpoint's state sits beside it)
     assert len(files) == 1, files
     return load_file(files[0])

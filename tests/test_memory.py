@@ -90,7 +90,7 @@ def test_print_memory_plan_needs_no_dataset_and_loads_no_weights(tiny, tmp_path)
                       "--pretrained_decoder_model_name_or_path", tiny.decoder, "--resolution", 256,
                       "--output_dir", out, "--print_memory_plan")
     lines = proc.stderr.strip().splitlines()
-    assert lines[0].startswith("memory plan per device (fp32, batch 1, 256 px): "), lines
+    assert lines[0].startswith("memory plan per device (CPU, fp32, batch 1, 256 px): "), lines
     assert any(line.split()[:2] == ["trained", "weights"] and "the unet" in line for line in lines)
     assert not out.exists()
 
@@ -160,3 +160,30 @@ def test_cached_runs_train_without_the_frozen_encoders_and_validate_with_them(ti
         assert [getattr(spy_loss.c, n) for n in names] == [None, None]  # released again after the last one
         images = glob.glob(str(tmp_path / script.__name__ / "validation" / "*" / "*.png"))
         assert images
+
+
+def test_on_a_gpu_too_small_one_warning_names_the_flags_that_fit(tiny, monkeypatch):
+    """The GPU branch, with the device faked: a card smaller than the plan gets one warning naming the cheapest
+    flags whose plan fits it; a card whose size cannot be read gets one line and no comparison."""
+    from kandinsky_finetune.tracking import Log
+
+    args = plan_args(tiny)
+    needed = memory_plan.build(args, "prior", False, device="gpu").peak
+    with_cache = memory_plan.build(plan_args(tiny, "--cache_encoder_outputs"), "prior", False, device="gpu").peak
+    assert with_cache < needed
+    warnings = []
+    log = Log(True)
+    monkeypatch.setattr(log, "warn", warnings.append)
+    monkeypatch.setattr(paddle, "get_device", lambda: "gpu:0")
+    monkeypatch.setattr(paddle.device.cuda, "get_device_properties",
+                        lambda *a: SimpleNamespace(total_memory=(needed + with_cache) / 2))
+    memory_plan.report(args, "prior", False, log)
+    assert len(warnings) == 1 and "it would fit with --cache_encoder_outputs (" in warnings[0], warnings
+
+    def unreadable(*a):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(paddle.device.cuda, "get_device_properties", unreadable)
+    warnings.clear()
+    memory_plan.report(args, "prior", False, log)
+    assert warnings == ["cannot read the GPU's memory size (RuntimeError); the plan is not compared with it"]

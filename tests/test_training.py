@@ -81,3 +81,28 @@ def test_validation_images_every_n_epochs_and_at_the_end(run_name, request):
     assert sorted(os.listdir(out / "validation" / "step-40")) == ["0.png", "1.png"]
     reader = LogReader(file_path=glob.glob(str(out / "logs" / "*" / "vdlrecords*"))[0])
     assert {"validation/0", "validation/1"} <= set(reader.get_tags()["image"])
+
+
+@pytest.mark.parametrize("run_name,sources", [
+    ("prior_run", {name: ("prior", name) for name in
+                   ("image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")}),
+    ("decoder_run", {"movq": ("decoder", "movq"), "scheduler": ("decoder", "scheduler"),
+                     **{"prior_" + name: ("prior", name) for name in
+                        ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")}}),
+])
+def test_outputs_link_the_frozen_components_to_their_source_files(run_name, sources, request, tiny):
+    """Nothing trained is written anew: each file of a frozen component is the source repo's file itself (a hard
+    link: the original bytes, no disk), and the folder still loads as its pipeline."""
+    from ppdiffusers import DiffusionPipeline
+
+    out = request.getfixturevalue(run_name)
+    for name, (repo, subfolder) in sources.items():
+        source = os.path.join(tiny.prior if repo == "prior" else tiny.decoder, subfolder)
+        files = sorted(os.listdir(source))
+        assert sorted(os.listdir(out / name)) == files, name
+        assert all(os.path.samefile(out / name / f, os.path.join(source, f)) for f in files), name
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    trained = "prior" if run_name == "prior_run" else "unet"
+    saved = state_dict_of(out / trained)
+    live = getattr(pipe, trained).state_dict()
+    assert all(np.array_equal(live[k].numpy(), saved[k]) for k in saved)
