@@ -66,9 +66,10 @@ def run(name, repos, data, workdir, steps, keep):
            "s_per_step": 1 / float(m["steps"]) if float(m["steps"]) > 0 else float("nan"), **phases,
            "wall": time.time() - start,
            "output": folder_size(out, skip=("logs", "validation", f"checkpoint-{steps}")) / 1e9,
-           "linked": re.search(r"([\d.]+) GB hard-linked", proc.stderr),
+           "linked": re.search(r"([\d.]+) (GB|MB) hard-linked", proc.stderr),
            "checkpoint": folder_size(checkpoint) / 1e9, "cache": folder_size(hf_cache) / 1e9}
-    row["linked"] = float(row["linked"].group(1)) if row["linked"] else 0.0
+    linked = row["linked"]
+    row["linked"] = float(linked.group(1)) / (1000 if linked.group(2) == "MB" else 1) if linked else 0.0
     if not keep:  # a full fine-tune's output and checkpoint are 15-20 GB: make room for the next run
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(hf_cache, ignore_errors=True)

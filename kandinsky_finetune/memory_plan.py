@@ -40,19 +40,6 @@ class Plan:
         return out
 
 
-def lazy_model(cls, repo, subfolder, cache_dir=None):
-    """`cls` built from its config in `repo`/`subfolder` without memory or initial values."""
-    from .models import lazy_init
-
-    if hasattr(cls, "load_config"):
-        config = cls.load_config(repo, subfolder=subfolder, cache_dir=cache_dir)
-        with lazy_init():
-            return cls.from_config(config)
-    config = cls.config_class.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir)
-    with lazy_init():
-        return cls(config)
-
-
 def parameters(model):
     return sum(p.size for p in model.parameters())
 
@@ -123,6 +110,7 @@ def build(args, kind, lora, device=None):
     from ppdiffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
+    from .models import lazy_model
     from .validation import prompts
 
     prior_repo, decoder_repo = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path

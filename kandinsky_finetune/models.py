@@ -40,28 +40,44 @@ def load(cls, repo, subfolder, flag, cache_dir=None):
 
 
 def _load_model(cls, repo, subfolder, cache_dir):
-    """A model from one Paddle-layout safetensors file in a local folder is built lazily (no random initialisation)
-    and filled one tensor at a time, read with plain file reads: its peak is its weights plus one tensor. By
-    default from_pretrained initialises the model at random and reads the whole file beside it (2x the weights,
-    and at real size half a minute per encoder); its low_cpu_mem_usage path still memory-maps the whole
-    safetensors file, whose pages count as resident until it is closed. Anything else (a hub id, .pdparams,
-    shards, PyTorch layout, renamed keys) goes through from_pretrained's low_cpu_mem_usage path."""
+    """A model from one Paddle-layout weights file in a local folder is built lazily (no random initialisation) and
+    filled one tensor at a time: from safetensors with plain file reads, its peak is its weights plus one tensor;
+    from a .pdparams pickle, read once and handed over tensor by tensor, about the same. By default from_pretrained
+    initialises the model at random and reads the whole file beside it (2x the weights, and at real size half a
+    minute per encoder); its low_cpu_mem_usage path memory-maps a whole safetensors file (whose pages count as
+    resident until it is closed) and reads a pickle twice. Anything else (a hub id, shards, PyTorch layout,
+    renamed keys) goes through from_pretrained's low_cpu_mem_usage path."""
     folder = os.path.join(repo, subfolder)
     files = glob.glob(os.path.join(folder, "*.safetensors")) if os.path.isdir(folder) else []
-    if len(files) == 1 and not glob.glob(os.path.join(folder, "*.index.json")):
-        header = safetensors_header(files[0])
-        if header.pop("__metadata__", {}).get("format", "pt") in ("pd", "np"):
-            with lazy_init():
-                model = (cls.from_config(cls.load_config(folder)) if hasattr(cls, "from_config")
-                         else cls(cls.config_class.from_pretrained(folder)))
-            if read_safetensors_into(model, files[0], header):
-                model.eval()
-                return model
+    pickles = glob.glob(os.path.join(folder, "*.pdparams")) if os.path.isdir(folder) else []
+    if len(files) + len(pickles) == 1 and not glob.glob(os.path.join(folder, "*.index.json")):
+        model = lazy_model(cls, folder)
+        if files:
+            header = safetensors_header(files[0])
+            filled = (header.pop("__metadata__", {}) or {}).get("format", "pt") in ("pd", "np") and \
+                read_safetensors_into(model, files[0], header)
+        else:  # a pickle is read whole, once, and handed over a tensor at a time
+            filled = fill_from_arrays(model, paddle.load(pickles[0], return_numpy=True))
+        if filled:
+            model.eval()
+            return model
     model = cls.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir, low_cpu_mem_usage=True)
     # That path leaves every parameter frozen; these models have none frozen by construction (the scripts freeze)
     for p in model.parameters():
         p.stop_gradient = False
     return model
+
+
+def lazy_model(cls, repo, subfolder=None, cache_dir=None):
+    """`cls` built from its config in `repo`/`subfolder`, without memory or initial values (see `lazy_init`)."""
+    where = {"subfolder": subfolder, "cache_dir": cache_dir} if subfolder else {"cache_dir": cache_dir}
+    if hasattr(cls, "load_config"):  # ppdiffusers models
+        config = cls.load_config(repo, **where)
+        with lazy_init():
+            return cls.from_config(config)
+    config = cls.config_class.from_pretrained(repo, **where)  # paddlenlp-style models (CLIP)
+    with lazy_init():
+        return cls(config)
 
 
 def lazy_init():
@@ -141,14 +157,30 @@ def read_safetensors_into(model, path, header=None):
     time. False, with nothing copied, when the file's names, shapes or dtypes do not fit the model."""
     header = dict(header or safetensors_header(path))
     header.pop("__metadata__", None)
+    if any(info["dtype"] not in _SAFETENSORS_DTYPES for info in header.values()):
+        return False
+    return _fill(model, {k: info["shape"] for k, info in header.items()}, _arrays(path, header))
+
+
+def fill_from_arrays(model, arrays):
+    """The same from a {name: numpy array} dict, which is emptied as it goes (so memory moves, it does not grow)."""
+    if not all(isinstance(a, np.ndarray) for a in arrays.values()):
+        return False
+
+    def handed_over():
+        for name in list(arrays):
+            yield name, arrays.pop(name)
+
+    return _fill(model, {k: list(a.shape) for k, a in arrays.items()}, handed_over())
+
+
+def _fill(model, shapes, named_arrays):
     live = model.state_dict()
-    if set(header) != set(live) or any(
-            list(live[k].shape) != info["shape"] or info["dtype"] not in _SAFETENSORS_DTYPES
-            for k, info in header.items()):
+    if set(shapes) != set(live) or any(list(live[k].shape) != list(shape) for k, shape in shapes.items()):
         return False
     trainable = {key: tensor.stop_gradient for key, tensor in live.items()}  # copy_ into a lazy parameter freezes it
     with paddle.no_grad():
-        for key, array in _arrays(path, header):
+        for key, array in named_arrays:
             value = paddle.Tensor(array, zero_copy=True)
             target = live[key]
             target.copy_(value if value.dtype == target.dtype else value.cast(target.dtype), False)
@@ -166,6 +198,19 @@ def release(c, *names):
     gc.collect()
     if "gpu" in paddle.get_device():
         paddle.device.cuda.empty_cache()  # give the memory back to the device, not only to Paddle's allocator
+    else:
+        _return_free_heap()
+
+
+def _return_free_heap():
+    """On Linux, hand the C heap's free pages back to the system: a released model's smaller tensors leave holes in
+    the heap that the process would otherwise keep (and count in its RSS) while larger tensors are allocated anew."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @contextlib.contextmanager

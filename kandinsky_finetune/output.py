@@ -75,7 +75,11 @@ class PipelineWriter:
                     self.written += os.path.getsize(dst)
 
     def summary(self):
-        return f"{self.written / 1e9:.2f} GB written, {self.linked / 1e9:.2f} GB hard-linked from the source repos"
+        return f"{_human(self.written)} written, {_human(self.linked)} hard-linked from the source repos"
+
+
+def _human(size):
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _size(path):

@@ -110,10 +110,12 @@ def progress_bar(total, initial, is_main):
 
 class Stopwatch:
     """Where a run's wall time goes: start-up (from process start to the first training step, less encoding),
-    encoding (the encoder-output cache), training, validation and saving, plus the steady-state step rate.
-    `summary()` is one line at the end of every run; benchmarks/run.py reads it."""
+    encoding (the encoder-output cache), training, and, within the training loop but not counted as training,
+    validation and checkpointing; saving; plus the steady-state step rate over training time only.
+    `summary()` is one line at the end of every run; benchmarks/run.py and benchmarks/real_size.py read it."""
 
     WARMUP_STEPS = 3  # the first optimizer steps are slower (allocator, kernel selection): not steady state
+    PAUSES = ("validation", "checkpointing")  # inside the training loop, not training
 
     def __init__(self):
         import psutil
@@ -129,15 +131,18 @@ class Stopwatch:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
 
+    def _paused(self):
+        return sum(self.seconds.get(name, 0.0) for name in self.PAUSES)
+
     def start_training(self):
         self.training_start = time.time()
 
     def stop_training(self):
-        """Training time is the loop's wall time less the validations inside it."""
-        self.seconds["training"] = time.time() - self.training_start - self.seconds.get("validation", 0.0)
+        """Training time is the loop's wall time less the validations and checkpoints inside it."""
+        self.seconds["training"] = time.time() - self.training_start - self._paused()
 
     def step_done(self):
-        self.step_times.append(time.time())
+        self.step_times.append(time.time() - self._paused())  # a clock that stops during validation and checkpoints
 
     def steady_steps_per_second(self):
         t = self.step_times[self.WARMUP_STEPS:] if len(self.step_times) > self.WARMUP_STEPS + 1 else self.step_times

@@ -335,7 +335,8 @@ class Loop:
         self._check_weights()
         if not self.ctx.is_main:
             return None
-        path = self.checkpointer.save(self.global_step)
+        with self.clock.phase("checkpointing"):
+            path = self.checkpointer.save(self.global_step)
         self.log(f"saved {path}")
         return path
 

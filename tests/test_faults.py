@@ -169,7 +169,8 @@ def test_disk_full_is_one_error_and_the_last_checkpoint_stays(tiny, tmp_path, mo
                                               rf"{out}/checkpoint-2, is intact$"):
         train_lora(args)
     assert sorted(n for n in os.listdir(out) if n != "logs") == ["checkpoint-1", "checkpoint-2"]
-    assert sorted(os.listdir(out / "checkpoint-2")) == [lora.WEIGHTS_NAME, checkpoint.STATE_FILE]
+    assert sorted(os.listdir(out / "checkpoint-2")) == [lora.WEIGHTS_NAME, checkpoint.STATE_FILE,
+                                                        checkpoint.STATE_TENSORS]
     assert checkpoint.load_state(str(out / "checkpoint-2"))["global_step"] == 2
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 

@@ -185,7 +185,8 @@ def test_lora_file_is_small_and_checkpoints_hold_it(run_name, request):
     assert size < 200_000
     # checkpoints at steps 10, 20, 30, 40; --checkpoints_total_limit 2 keeps the last two
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-30", "checkpoint-40"]
-    assert sorted(os.listdir(out / "checkpoint-40")) == [lora.WEIGHTS_NAME, "training_state.pdparams"]
+    assert sorted(os.listdir(out / "checkpoint-40")) == [lora.WEIGHTS_NAME, "training_state.pdparams",
+                                                      "training_state.safetensors"]
 
 
 @pytest.mark.parametrize("run_name", RUNS)

@@ -106,3 +106,26 @@ def test_outputs_link_the_frozen_components_to_their_source_files(run_name, sour
     saved = state_dict_of(out / trained)
     live = getattr(pipe, trained).state_dict()
     assert all(np.array_equal(live[k].numpy(), saved[k]) for k in saved)
+
+
+def test_steady_speed_counts_training_time_only(monkeypatch):
+    """Validation and checkpoints inside the loop stop the step clock: 5 steps of 2 s with a 100 s validation
+    and a 50 s checkpoint in between are 0.5 steps/s, and training time is 10 s."""
+    from kandinsky_finetune import tracking
+
+    now = [1000.0]
+    monkeypatch.setattr(tracking.time, "time", lambda: now[0])
+    clock = tracking.Stopwatch()
+    clock.start_training()
+    for step in range(5):
+        now[0] += 2
+        clock.step_done()
+        if step == 3:  # between the two steps the steady rate is taken from (the first 3 are warm-up)
+            with clock.phase("validation"):
+                now[0] += 100
+        if step == 2:
+            with clock.phase("checkpointing"):
+                now[0] += 50
+    clock.stop_training()
+    assert clock.steady_steps_per_second() == pytest.approx(0.5)
+    assert clock.seconds["training"] == pytest.approx(10)
