@@ -34,17 +34,12 @@ def load_components(args, precision):
     load = lambda cls, sub: models.load(cls, decoder_repo, sub, DECODER_FLAG, args.cache_dir)  # noqa: E731
     load_prior = lambda cls, sub: models.load(cls, prior_repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
 
-    def frozen(model):
-        training.freeze(model)
-        precision.cast_frozen(model)
-        models.skip_fp32_upcasts(precision, model)
-        return model
-
     c = SimpleNamespace(
         noise_scheduler=load(DDPMScheduler, "scheduler"),
         image_processor=load_prior(CLIPImageProcessor, "image_processor"),
-        loaders={"image_encoder": lambda: frozen(load_prior(CLIPVisionModelWithProjection, "image_encoder")),
-                 "movq": lambda: frozen(load(VQModel, "movq")),
+        loaders={"image_encoder": lambda: models.frozen(load_prior(CLIPVisionModelWithProjection, "image_encoder"),
+                                                        precision),
+                 "movq": lambda: models.frozen(load(VQModel, "movq"), precision),
                  "prior_prior": lambda: load_prior(PriorTransformer, "prior"),
                  "prior_text_encoder": lambda: load_prior(CLIPTextModelWithProjection, "text_encoder"),
                  "prior_tokenizer": lambda: load_prior(CLIPTokenizer, "tokenizer"),

@@ -264,6 +264,17 @@ def _recomputed(forward, *args, **kwargs):
     return recompute(forward, *args, use_reentrant=False, **kwargs)
 
 
+def frozen(model, precision):
+    """A frozen model as the run uses it: no gradients, eval mode, in the run's low precision under
+    --mixed_precision, without the attention layers' no-op upcasts in fp32."""
+    from .training import freeze
+
+    freeze(model)
+    precision.cast_frozen(model)
+    skip_fp32_upcasts(precision, model)
+    return model
+
+
 def skip_fp32_upcasts(precision, *models):
     """Kandinsky's attention layers upcast scores to fp32 for the softmax and cast back. In an fp32 run both casts
     are copies that change nothing (a tenth of a tiny decoder step on CPU): turn them off there. With

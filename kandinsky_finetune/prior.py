@@ -38,11 +38,6 @@ def load_components(args, precision, needs_decoder):
     load = lambda cls, sub: models.load(cls, repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
     load_decoder = lambda cls, sub: models.load(cls, decoder_repo, sub, DECODER_FLAG, args.cache_dir)  # noqa: E731
 
-    def frozen_encoder(cls, sub):
-        model = training.freeze(load(cls, sub))
-        precision.cast_frozen(model)
-        return model
-
     c = SimpleNamespace(
         # Training uses the DDPM form of the prior's noise schedule; saved pipelines keep the repo's
         # UnCLIPScheduler, which the prior pipeline needs at inference.
@@ -50,8 +45,8 @@ def load_components(args, precision, needs_decoder):
         inference_scheduler=load(UnCLIPScheduler, "scheduler"),
         image_processor=load(CLIPImageProcessor, "image_processor"),
         tokenizer=load(CLIPTokenizer, "tokenizer"),
-        loaders={"image_encoder": lambda: frozen_encoder(CLIPVisionModelWithProjection, "image_encoder"),
-                 "text_encoder": lambda: frozen_encoder(CLIPTextModelWithProjection, "text_encoder"),
+        loaders={"image_encoder": lambda: models.frozen(load(CLIPVisionModelWithProjection, "image_encoder"), precision),
+                 "text_encoder": lambda: models.frozen(load(CLIPTextModelWithProjection, "text_encoder"), precision),
                  "decoder_unet": lambda: load_decoder(UNet2DConditionModel, "unet"),
                  "decoder_movq": lambda: load_decoder(VQModel, "movq"),
                  "decoder_scheduler": lambda: load_decoder(DDPMScheduler, "scheduler")},
