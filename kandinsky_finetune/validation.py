@@ -1,5 +1,6 @@
 """Validation images: generated with the weights being trained, saved as PNG and sent to the tracker."""
 import os
+import warnings
 
 import paddle
 
@@ -9,7 +10,9 @@ def generate(pipe, prompts, num_images_per_prompt, resolution, seed, output_dir,
     pipe.set_progress_bar_config(disable=True)
     generator = paddle.Generator().manual_seed(seed)
     images = []
-    with paddle.no_grad():
+    with paddle.no_grad(), warnings.catch_warnings():
+        # the combined pipeline passes its own deprecated `callback_steps` on to the decoder pipeline: not the user's
+        warnings.filterwarnings("ignore", message="`callback_steps` is deprecated", category=FutureWarning)
         for prompt in prompts:
             images += pipe(prompt, num_images_per_prompt=num_images_per_prompt, height=resolution, width=resolution,
                            generator=generator).images

@@ -129,3 +129,14 @@ def test_steady_speed_counts_training_time_only(monkeypatch):
     clock.stop_training()
     assert clock.steady_steps_per_second() == pytest.approx(0.5)
     assert clock.seconds["training"] == pytest.approx(10)
+
+
+def test_runs_print_no_library_warnings_users_cannot_act_on(tiny, tmp_path):
+    """Paddle's ccache notice, setuptools' distutils notice and the combined pipeline's own callback_steps
+    deprecation (during validation) stay out of a run's output."""
+    proc = run_script("train_text_to_image_prior_lora.py", *model_args(
+        tiny, tmp_path / "out", "--max_train_steps", 1, "--validation_prompt", "a red picture",
+        "--num_validation_images", 1))
+    assert "validation images:" in proc.stderr
+    for noise in ("No ccache found", "Setuptools is replacing distutils", "callback_steps"):
+        assert noise not in proc.stderr + proc.stdout, noise
