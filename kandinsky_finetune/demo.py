@@ -5,6 +5,7 @@ fine-tuning with the real scripts, then a generated image from the fine-tuned pa
 """
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ def train(script, workdir, repos, dataset, output_dir, steps):
            f"--train_data_dir={dataset}", "--resolution=64", "--train_batch_size=2", f"--max_train_steps={steps}",
            "--learning_rate=1e-3", "--lr_warmup_steps=0", f"--checkpointing_steps={steps}", "--seed=0",
            f"--output_dir={output_dir}"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
+    print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)  # a command a user can paste
     subprocess.run(cmd, check=True, cwd=workdir)
 
 
@@ -51,7 +52,8 @@ def main():
     image = pipe(prompt="a red picture", height=256, width=256, generator=paddle.Generator().manual_seed(0)).images[0]
     path = os.path.join(workdir, "demo.png")
     image.save(path)
-    print(f"generated {path} ({image.size[0]}x{image.size[1]}) in {time.time() - start:.0f} s in all")
+    print(f"generated {path} ({image.size[0]}x{image.size[1]}) in {time.time() - start:.0f} s in all; the models are "
+          "random and tiny, so the picture is noise: the demo shows the whole path runs, not what fine-tuning gives")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,243 @@
+"""Dataset loading and validation, image transforms, and the sharded, resumable batch sampler.
+
+Every random choice a sample needs (which caption of a list, crop position, flip, the diffusion noise
+and timestep) is drawn from a generator seeded by (seed, epoch, sample index). So a sample's draws do not
+depend on the batch size, the accumulation, the number of cards, data-loader workers or where a run was
+resumed: a batch of 4 equals 4 accumulated batches of 1, and a resumed run sees exactly what an
+uninterrupted one would have.
+"""
+import functools
+import io
+import os
+
+import numpy as np
+import paddle
+from PIL import Image
+
+from .faults import RunError, detach_worker
+from .params import UsageError
+
+
+def load_train_dataset(args, seed, columns):
+    """The training split as a `datasets.Dataset`, checked: it exists, is not empty, has `columns` (the image
+    column first, then any caption column), and (after --max_train_samples) every image opens and every
+    caption is a string or a list of strings."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source = args.train_data_dir or args.dataset_name
+    try:
+        if args.train_data_dir is not None:
+            ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        elif _is_saved_dataset(args.dataset_name):
+            ds = datasets.load_from_disk(args.dataset_name)
+        else:
+            ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    except Exception as e:  # datasets raises many types; the user needs the first line of the reason
+        raise UsageError(f"cannot load dataset {source!r}: {_first_line(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UsageError(f"dataset {source!r} has no 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    if len(ds) == 0:
+        raise UsageError(f"dataset {source!r} is empty")
+    for column in columns:
+        if column not in ds.column_names:
+            flag = "--image_column" if column == args.image_column else "--caption_column"
+            raise UsageError(f"dataset {source!r} has no column {column!r} ({flag}); its columns are: "
+                             f"{', '.join(ds.column_names)}")
+    if args.max_train_samples is not None:
+        ds = ds.shuffle(seed=seed).select(range(min(args.max_train_samples, len(ds))))
+    check_images(ds, args.image_column, source)
+    for column in columns[1:]:
+        check_captions(ds, column, source)
+    return ds
+
+
+def check_captions(ds, column, source):
+    rng = np.random.default_rng(0)
+    for row, caption in enumerate(ds[column]):
+        try:
+            pick_caption(caption, rng, row)
+        except ValueError as e:
+            raise UsageError(f"column {column!r} of dataset {source!r}, {e}") from None
+
+
+def _is_saved_dataset(path):
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def check_images(ds, column, source):
+    """Open every image once (headers and integrity, not a full decode), so a broken file fails now
+    with its name, not hours into training."""
+    import datasets
+
+    feature = ds.features[column]
+    if not isinstance(feature, datasets.Image):
+        raise UsageError(f"column {column!r} of dataset {source!r} holds {feature}, not images (--image_column)")
+    for row, item in enumerate(_undecoded(ds, column)):
+        name = item.get("path") or f"row {row}"
+        try:
+            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as im:
+                im.verify()
+        except Exception as e:
+            raise UsageError(f"unreadable image {name} (row {row} of {source!r}): {_first_line(e)}") from None
+
+
+def captions_of(caption, row):
+    """A caption cell as (list of captions, whether the cell was a list): a string, or a non-empty list of strings."""
+    if isinstance(caption, str):
+        return [caption], False
+    if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+        return list(caption), True
+    raise ValueError(f"row {row}: a caption must be a string or a non-empty list of strings, got {caption!r}")
+
+
+def caption_index(count, is_list, rng):
+    """Which caption of a cell a step uses: a list's is drawn at random (one draw, even for a list of one)."""
+    return int(rng.integers(count)) if is_list else 0
+
+
+def _undecoded(ds, column, batch_size=256):
+    """The column's images as {"bytes", "path"} items, a batch at a time (never the whole dataset in memory)."""
+    import datasets
+
+    raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    for batch in raw.iter(batch_size=batch_size):
+        yield from batch[column]
+
+
+def pick_caption(caption, rng, row):
+    captions, is_list = captions_of(caption, row)
+    return captions[caption_index(len(captions), is_list, rng)]
+
+
+def all_square(ds, column):
+    """Whether every image is square (read from the file headers): a random square crop is then the whole image."""
+    for item in _undecoded(ds, column):
+        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as im:
+            if im.size[0] != im.size[1]:
+                return False
+    return True
+
+
+def draw_view(rng, size, center, flip):
+    """The random part of the decoder's augmentation: (left, top, side, flipped) of the square taken from an
+    image of `size` (w, h). Drawn in a fixed order, so a cached sample draws the same numbers as a live one."""
+    w, h = size
+    side = min(w, h)
+    if center:
+        left, top = (w - side) // 2, (h - side) // 2
+    else:
+        left, top = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
+    flipped = bool(flip and rng.random() < 0.5)
+    return left, top, side, flipped
+
+
+def apply_view(image, view, resolution):
+    """Crop the square of `view`, resize it to `resolution`, maybe flip it: PIL in (any mode), RGB PIL out."""
+    left, top, side, flipped = view
+    image = image.convert("RGB").crop((left, top, left + side, top + side))
+    image = image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flipped else image
+
+
+def to_movq_input(image):
+    """PIL RGB -> float32 CHW array in [-1, 1], what the MoVQ encoder expects."""
+    return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def clip_input(image_processor, image):
+    return image_processor(image, return_tensors="np").pixel_values[0].astype(np.float32)
+
+
+def sample_rng(seed, epoch, index):
+    return np.random.default_rng([seed, epoch, index])
+
+
+class TrainSet(paddle.io.Dataset):
+    """Indexed by (epoch, row) keys from `ShardedBatchSampler`; `make_sample(example, rng, row)` builds the
+    arrays of one sample with the generator for that key."""
+
+    def __init__(self, hf_dataset, make_sample, seed):
+        self.ds, self.make_sample, self.seed = hf_dataset, make_sample, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, row = key
+        try:
+            return self.make_sample(self.ds[row], sample_rng(self.seed, epoch, row), row)
+        except Exception as e:  # e.g. an image whose header was fine but whose data is not
+            return {"sample_error": f"cannot prepare row {row} of the dataset: {_first_line(e)}"}
+
+
+class ShardedBatchSampler:
+    """Shuffles every epoch with (seed, epoch), gives each rank its own share, and can start an epoch
+    part-way (resume). Every rank gets the same number of batches: the permutation is padded by wrapping."""
+
+    def __init__(self, num_samples, batch_size, rank, world_size, seed):
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = num_samples, batch_size, rank, world_size, seed
+        self.epoch, self.skip = 0, 0
+        self.per_rank = -(-num_samples // world_size)
+        self.batches_per_epoch = -(-self.per_rank // batch_size)
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __len__(self):
+        return self.batches_per_epoch - self.skip
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        order = np.resize(order, self.per_rank * self.world_size)  # wraps around to pad
+        mine = order[self.rank::self.world_size]
+        for b in range(self.skip, self.batches_per_epoch):
+            yield [(self.epoch, int(i)) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+class SampleError(RunError):
+    """A sample that cannot be built during training (exit 1): one clear line, not a hang or a worker traceback."""
+
+
+def collate(samples):
+    """Samples stacked into numpy batch arrays; if one of them failed, the batch is that failure's message."""
+    for sample in samples:
+        if "sample_error" in sample:
+            return {"sample_error": np.frombuffer(sample["sample_error"].encode(), dtype=np.uint8)}
+    return {name: np.stack([sample[name] for sample in samples]) for name in samples[0]}
+
+
+class Loader:
+    """This rank's batches as tensors, built in this process (--dataloader_num_workers 0) or in Paddle's worker
+    processes. An error while building a sample travels as data and is raised here: raised inside Paddle 3.3's
+    DataLoader it leaves the training loop waiting forever."""
+
+    def __init__(self, dataset, sampler, num_workers):
+        self.dataset, self.sampler = dataset, sampler
+        # workers survive a stop signal sent to the process group, and die with this process (faults.detach_worker)
+        self.workers = paddle.io.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, use_shared_memory=False,
+            worker_init_fn=functools.partial(detach_worker, parent=os.getpid())) if num_workers else None
+
+    def __iter__(self):
+        batches = self.workers if self.workers else (collate([self.dataset[key] for key in keys]) for keys in self.sampler)
+        for batch in batches:
+            if "sample_error" in batch:
+                error = batch["sample_error"]
+                raise SampleError(bytes(error.numpy() if isinstance(error, paddle.Tensor) else error).decode())
+            yield {name: value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+                   for name, value in batch.items()}
+
+
+def build_loader(hf_dataset, make_sample, args, ctx, seed):
+    """This rank's (sampler, loader) over the dataset."""
+    sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
+    return sampler, Loader(TrainSet(hf_dataset, make_sample, seed), sampler, args.dataloader_num_workers)

@@ -1,0 +1,166 @@
+"""The decoder's training task, shared by the full and the LoRA decoder scripts: its components, how a
+sample is prepared, the loss, and the pipelines built around the UNet being trained.
+
+Math: MoVQ latents of the image in [-1, 1] (no scaling factor) are noised with the decoder repo's DDPM
+schedule; the UNet sees no text, only the CLIP image embedding of the same image, and its first 4 output
+channels predict the noise (the other 4, a learned variance, are not trained by this loss).
+"""
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+
+from . import data, models, training
+
+PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
+
+
+ENCODERS = ("image_encoder", "movq")
+PRIOR_PARTS = ("prior_prior", "prior_text_encoder", "prior_tokenizer", "prior_scheduler")
+
+
+def load_components(args, precision):
+    """The decoder's components in a namespace. MoVQ and the CLIP image encoder are frozen (in half precision under
+    --mixed_precision); `c.loaders` can load them again once `cached_dataset` has released them. The rest of the
+    prior, which only validation uses, is loaded when validation first needs it."""
+    from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, VQModel
+    from ppdiffusers.transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                          CLIPVisionModelWithProjection)
+
+    decoder_repo, prior_repo = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
+    models.check_repo(decoder_repo, models.DECODER_SUBFOLDERS, DECODER_FLAG)
+    models.check_repo(prior_repo, models.PRIOR_SUBFOLDERS, PRIOR_FLAG)
+    load = lambda cls, sub: models.load(cls, decoder_repo, sub, DECODER_FLAG, args.cache_dir)  # noqa: E731
+    load_prior = lambda cls, sub: models.load(cls, prior_repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
+
+    c = SimpleNamespace(
+        noise_scheduler=load(DDPMScheduler, "scheduler"),
+        image_processor=load_prior(CLIPImageProcessor, "image_processor"),
+        loaders={"image_encoder": lambda: models.frozen(load_prior(CLIPVisionModelWithProjection, "image_encoder"),
+                                                        precision),
+                 "movq": lambda: models.frozen(load(VQModel, "movq"), precision),
+                 "prior_prior": lambda: load_prior(PriorTransformer, "prior"),
+                 "prior_text_encoder": lambda: load_prior(CLIPTextModelWithProjection, "text_encoder"),
+                 "prior_tokenizer": lambda: load_prior(CLIPTokenizer, "tokenizer"),
+                 "prior_scheduler": lambda: load_prior(UnCLIPScheduler, "scheduler")},
+        **dict.fromkeys(PRIOR_PARTS))
+    c.image_encoder, c.movq = c.loaders["image_encoder"](), c.loaders["movq"]()
+    c.unet = load(UNet2DConditionModel, "unet")
+    c.factor = models.movq_downscale_factor(c.movq)
+    models.check_resolution(args.resolution, c.factor, "training images")
+    models.skip_fp32_upcasts(precision, c.unet)
+    return c
+
+
+def encode(c, precision, pixel_values, clip_pixel_values):
+    """The frozen encoders' outputs: (MoVQ latents, CLIP image_embeds), in float32."""
+    with paddle.no_grad(), precision.autocast():
+        latents = c.movq.encode(training.as_tensor(pixel_values)).latents
+        image_embeds = c.image_encoder(training.as_tensor(clip_pixel_values)).image_embeds
+    return latents.cast("float32"), image_embeds.cast("float32")
+
+
+def cached_dataset(ds, args, c, run):
+    """--cache_encoder_outputs: ds's images replaced by the encoders' outputs for each view a step can draw
+    (the image, and its mirror image with --random_flip). When the augmentation cannot be cached exactly (a random
+    crop of an image that is not square), ds itself, after a one-line warning. Once the outputs are cached, training
+    needs the encoders no more: they are released (validation and the final save load them again)."""
+    import datasets
+
+    from . import cache
+
+    if not args.center_crop and not data.all_square(ds, args.image_column):
+        run.log.warn("--cache_encoder_outputs: a random crop of non-square images cannot be cached exactly "
+                     "(use --center_crop, or square images); training without the cache")
+        return ds
+    flips = [False, True] if args.random_flip else [False]
+
+    def encode_batch(batch):
+        views, sizes = [], []
+        for image in batch[args.image_column]:
+            sizes.append(list(image.size))
+            center = data.draw_view(None, image.size, center=True, flip=False)
+            views += [data.apply_view(image, center[:3] + (flipped,), args.resolution) for flipped in flips]
+        latents, image_embeds = encode(c, run.precision, np.stack([data.to_movq_input(v) for v in views]),
+                                       np.stack([data.clip_input(c.image_processor, v) for v in views]))
+        n = len(flips)
+        latents, image_embeds = latents.numpy(), image_embeds.numpy()
+        return {"size": sizes, "latents": [latents[i:i + n].reshape(-1) for i in range(0, len(views), n)],
+                "image_embeds": [image_embeds[i:i + n].reshape(-1) for i in range(0, len(views), n)]}
+
+    floats = datasets.Sequence(datasets.Value("float32"))
+    features = datasets.Features({"size": datasets.Sequence(datasets.Value("int32")), "latents": floats,
+                                  "image_embeds": floats})
+    key = ["decoder", args.image_column, args.resolution, args.center_crop, flips,
+           cache.model_fingerprint(c.movq), cache.model_fingerprint(c.image_encoder), c.image_processor.to_dict(),
+           run.precision.dtype, paddle.get_device().split(":")[0]]
+    encoded = cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
+    models.release(c, *ENCODERS)
+    return encoded
+
+
+def sample_maker(args, c):
+    """make_sample(example, rng, row) for data.TrainSet: crop/flip, the encoders' inputs (or their cached
+    outputs), noise, timestep. Both paths draw the same random numbers in the same order."""
+    latent_shape = (c.unet.config.in_channels, args.resolution // c.factor, args.resolution // c.factor)
+    num_timesteps = c.noise_scheduler.config.num_train_timesteps
+
+    def make_sample(example, rng, row):
+        if "latents" in example:  # cached: the view's crop is the whole (square or centre-cropped) image
+            flipped = data.draw_view(rng, tuple(example["size"]), args.center_crop, args.random_flip)[3]
+            views = 2 if args.random_flip else 1
+            inputs = {"latents": example["latents"].reshape(views, *latent_shape)[int(flipped)],
+                      "image_embeds": example["image_embeds"].reshape(views, -1)[int(flipped)]}
+        else:
+            image = example[args.image_column]
+            image = data.apply_view(image, data.draw_view(rng, image.size, args.center_crop, args.random_flip),
+                                    args.resolution)
+            inputs = {"pixel_values": data.to_movq_input(image),
+                      "clip_pixel_values": data.clip_input(c.image_processor, image)}
+        noise = rng.standard_normal(latent_shape, dtype="float32")
+        if args.noise_offset:
+            noise += args.noise_offset * rng.standard_normal((latent_shape[0], 1, 1), dtype="float32")
+        return {**inputs, "noise": noise, "timestep": rng.integers(num_timesteps)}
+
+    return make_sample
+
+
+def loss(c, model, batch, snr_gamma, precision):
+    """The training loss of `model` (the UNet, possibly wrapped) on one micro-batch."""
+    if "latents" in batch:
+        latents, image_embeds = batch["latents"], batch["image_embeds"]
+    else:
+        latents, image_embeds = encode(c, precision, batch["pixel_values"], batch["clip_pixel_values"])
+    noise, timesteps = batch["noise"], batch["timestep"]
+    noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = training.diffusion_target(c.noise_scheduler, latents, noise, timesteps)
+    with precision.autocast():
+        pred = model(noisy_latents, timesteps, None, added_cond_kwargs={"image_embeds": image_embeds}
+                     ).sample[:, :latents.shape[1]]
+    return training.diffusion_loss(pred, target, timesteps, c.noise_scheduler, snr_gamma)
+
+
+def save_pipeline(args, c, folder):
+    """The full decoder script's output: a KandinskyV22CombinedPipeline folder, the trained UNet with the decoder
+    repo's MoVQ and scheduler and the prior repo's components (linked, see output.py), so
+    `KandinskyV22CombinedPipeline.from_pretrained(output_dir)` works."""
+    from . import output
+
+    decoder_repo, prior_repo = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
+    sources = {"scheduler": (decoder_repo, "scheduler", DECODER_FLAG), "movq": (decoder_repo, "movq", DECODER_FLAG),
+               **{"prior_" + name: (prior_repo, name, PRIOR_FLAG) for name in output.PRIOR_COMPONENTS}}
+    return output.save_pipeline(folder, "KandinskyV22CombinedPipeline", output.COMBINED_COMPONENTS, {"unet": c.unet},
+                                sources, args.cache_dir)
+
+
+@contextlib.contextmanager
+def combined_pipeline(args, c):
+    """A KandinskyV22CombinedPipeline around the live UNet, with the models it needs beyond training's loaded for
+    it: kept for the next validation, or, with --cache_encoder_outputs, released after (training does not use them)."""
+    from ppdiffusers import KandinskyV22CombinedPipeline
+
+    with models.loaded(c, ENCODERS + PRIOR_PARTS, keep=not args.cache_encoder_outputs):
+        yield KandinskyV22CombinedPipeline(unet=c.unet, scheduler=c.noise_scheduler, movq=c.movq,
+                                           prior_image_encoder=c.image_encoder, prior_image_processor=c.image_processor,
+                                           **{name: getattr(c, name) for name in PRIOR_PARTS})

@@ -1,0 +1,289 @@
+"""Loading Kandinsky 2.2 components from a hub id or a local folder, with one clear line when that fails, and
+without a second copy of a model's weights in memory."""
+import contextlib
+import functools
+import glob
+import json
+import os
+import struct
+
+import numpy as np
+import paddle
+
+from .params import UsageError
+
+PRIOR_SUBFOLDERS = ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")
+DECODER_SUBFOLDERS = ("unet", "movq", "scheduler")
+
+
+def check_repo(path, subfolders, flag):
+    """A local folder must have the repo's subfolders; anything else is treated as a hub id."""
+    if os.path.isdir(path):
+        missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
+        if missing:
+            raise UsageError(f"{flag} {path} is not a Kandinsky 2.2 repo: missing subfolder(s) {', '.join(missing)} "
+                             f"(expected {', '.join(subfolders)})")
+    elif os.path.exists(path) or path.startswith((".", "/", "~")):
+        raise UsageError(f"{flag} {path}: no such folder")
+
+
+def load(cls, repo, subfolder, flag, cache_dir=None):
+    """`cls.from_pretrained(repo, subfolder=...)`: the same call for a hub id and a local folder. A model is built
+    without initialising its weights and then filled, so loading holds its weights once (see `_load_model`)."""
+    try:
+        if isinstance(cls, type) and issubclass(cls, paddle.nn.Layer):
+            return _load_model(cls, repo, subfolder, cache_dir)
+        return cls.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir)
+    except Exception as e:  # hub, file and config errors all end the run the same way
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"cannot load {subfolder} of {flag} {repo}: {type(e).__name__}: {reason}") from None
+
+
+def _load_model(cls, repo, subfolder, cache_dir):
+    """A model from one Paddle-layout weights file in a local folder is built lazily (no random initialisation) and
+    filled one tensor at a time: from safetensors with plain file reads, its peak is its weights plus one tensor;
+    from a .pdparams pickle, read once and handed over tensor by tensor, about the same. By default from_pretrained
+    initialises the model at random and reads the whole file beside it (2x the weights, and at real size half a
+    minute per encoder); its low_cpu_mem_usage path memory-maps a whole safetensors file (whose pages count as
+    resident until it is closed) and reads a pickle twice. Anything else (a hub id, shards, PyTorch layout,
+    renamed keys) goes through from_pretrained's low_cpu_mem_usage path."""
+    folder = os.path.join(repo, subfolder)
+    files = glob.glob(os.path.join(folder, "*.safetensors")) if os.path.isdir(folder) else []
+    pickles = glob.glob(os.path.join(folder, "*.pdparams")) if os.path.isdir(folder) else []
+    if len(files) + len(pickles) == 1 and not glob.glob(os.path.join(folder, "*.index.json")):
+        model = lazy_model(cls, folder)
+        if files:
+            header = safetensors_header(files[0])
+            filled = (header.pop("__metadata__", {}) or {}).get("format", "pt") in ("pd", "np") and \
+                read_safetensors_into(model, files[0], header)
+        else:  # a pickle is read whole, once, and handed over a tensor at a time
+            filled = fill_from_arrays(model, paddle.load(pickles[0], return_numpy=True))
+        if filled:
+            model.eval()
+            return model
+    model = cls.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir, low_cpu_mem_usage=True)
+    # That path leaves every parameter frozen; these models have none frozen by construction (the scripts freeze)
+    for p in model.parameters():
+        p.stop_gradient = False
+    return model
+
+
+def lazy_model(cls, repo, subfolder=None, cache_dir=None):
+    """`cls` built from its config in `repo`/`subfolder`, without memory or initial values (see `lazy_init`)."""
+    where = {"subfolder": subfolder, "cache_dir": cache_dir} if subfolder else {"cache_dir": cache_dir}
+    if hasattr(cls, "load_config"):  # ppdiffusers models
+        config = cls.load_config(repo, **where)
+        with lazy_init():
+            return cls.from_config(config)
+    config = cls.config_class.from_pretrained(repo, **where)  # paddlenlp-style models (CLIP)
+    with lazy_init():
+        return cls(config)
+
+
+def lazy_init():
+    """Models built inside have their parameters' shapes but neither memory nor initial values (Paddle's LazyGuard;
+    paddlenlp's no_init_weights skips the models' own init code)."""
+    from paddlenlp.transformers.model_utils import no_init_weights
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(paddle.LazyGuard())
+    stack.enter_context(no_init_weights(_enable=True))
+    return stack
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def safetensors_header(path):
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+_SAFETENSORS_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as a safetensors file, one tensor in host memory at a time (safetensors' own writer, and
+    save_pretrained, first copy every tensor to a host array: a second copy of the whole model)."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.size * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[str(tensor.dtype).replace("paddle.", "")],
+                        "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors.values():
+            tensor.numpy().tofile(f)  # (a bfloat16 tensor comes out as its raw 16-bit words)
+
+
+def save_model(model, folder):
+    """What `save_pretrained` writes for a ppdiffusers model (its config and one Paddle-layout safetensors file),
+    written a tensor at a time."""
+    from ppdiffusers.utils.constants import PADDLE_SAFETENSORS_WEIGHTS_NAME
+
+    os.makedirs(folder, exist_ok=True)
+    model.save_config(folder)
+    write_safetensors(model.state_dict(), os.path.join(folder, PADDLE_SAFETENSORS_WEIGHTS_NAME), {"format": "pd"})
+
+
+def read_safetensors(path):
+    """{name: tensor} of a safetensors file, read a tensor at a time (on the current device)."""
+    return {name: paddle.to_tensor(array) for name, array in _arrays(path, safetensors_header(path))}
+
+
+def _arrays(path, header):
+    """(name, numpy array) for each tensor of the file, read with plain file reads, one at a time."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + length + start)
+            yield name, np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
+
+
+def read_safetensors_into(model, path, header=None):
+    """Copy the tensors of safetensors file `path` into `model`'s parameters and buffers of the same names, one at a
+    time. False, with nothing copied, when the file's names, shapes or dtypes do not fit the model."""
+    header = dict(header or safetensors_header(path))
+    header.pop("__metadata__", None)
+    if any(info["dtype"] not in _SAFETENSORS_DTYPES for info in header.values()):
+        return False
+    return _fill(model, {k: info["shape"] for k, info in header.items()}, _arrays(path, header))
+
+
+def fill_from_arrays(model, arrays):
+    """The same from a {name: numpy array} dict, which is emptied as it goes (so memory moves, it does not grow)."""
+    if not all(isinstance(a, np.ndarray) for a in arrays.values()):
+        return False
+
+    def handed_over():
+        for name in list(arrays):
+            yield name, arrays.pop(name)
+
+    return _fill(model, {k: list(a.shape) for k, a in arrays.items()}, handed_over())
+
+
+def _fill(model, shapes, named_arrays):
+    live = model.state_dict()
+    if set(shapes) != set(live) or any(list(live[k].shape) != list(shape) for k, shape in shapes.items()):
+        return False
+    trainable = {key: tensor.stop_gradient for key, tensor in live.items()}  # copy_ into a lazy parameter freezes it
+    with paddle.no_grad():
+        for key, array in named_arrays:
+            value = paddle.Tensor(array, zero_copy=True)
+            target = live[key]
+            target.copy_(value if value.dtype == target.dtype else value.cast(target.dtype), False)
+            target.stop_gradient = trainable[key]
+    return True
+
+
+def release(c, *names):
+    """Drop the frozen models `names` of component namespace `c` from memory (they can be loaded again by
+    `loaded`, from `c.loaders`)."""
+    import gc
+
+    for name in names:
+        setattr(c, name, None)
+    gc.collect()
+    if "gpu" in paddle.get_device():
+        paddle.device.cuda.empty_cache()  # give the memory back to the device, not only to Paddle's allocator
+    else:
+        _return_free_heap()
+
+
+def _return_free_heap():
+    """On Linux, hand the C heap's free pages back to the system: a released model's smaller tensors leave holes in
+    the heap that the process would otherwise keep (and count in its RSS) while larger tensors are allocated anew."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@contextlib.contextmanager
+def loaded(c, names, keep):
+    """The models `names` of `c` in memory for a while: any that is not is loaded from `c.loaders`, and released
+    again afterwards unless `keep`."""
+    missing = [name for name in names if getattr(c, name, None) is None]
+    for name in missing:
+        setattr(c, name, c.loaders[name]())
+    try:
+        yield c
+    finally:
+        if not keep:
+            release(c, *missing)
+
+
+def movq_downscale_factor(movq):
+    return 2 ** (len(movq.config.block_out_channels) - 1)
+
+
+def movq_downscale_factor_of_repo(repo, flag, cache_dir=None):
+    """The factor from the decoder repo's movq/config.json, without loading the weights."""
+    from ppdiffusers import VQModel
+
+    try:
+        config = VQModel.load_config(repo, subfolder="movq", cache_dir=cache_dir)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"cannot load movq of {flag} {repo}: {type(e).__name__}: {reason}") from None
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def check_resolution(resolution, factor, what):
+    if resolution % factor:
+        raise UsageError(f"--resolution {resolution} is not a multiple of the MoVQ downscale factor {factor} "
+                         f"({what}); try {max(factor, resolution // factor * factor)}")
+
+
+def enable_prior_gradient_checkpointing(prior):
+    """PriorTransformer has no gradient-checkpointing switch: recompute each transformer block in backward.
+    Non-reentrant recompute, because the reentrant kind gives no gradient to LoRA layers of a frozen block."""
+    for block in prior.transformer_blocks:
+        block.forward = functools.partial(_recomputed, block.forward)
+
+
+def _recomputed(forward, *args, **kwargs):
+    if not paddle.is_grad_enabled():
+        return forward(*args, **kwargs)
+    from paddle.distributed.fleet.utils import recompute
+
+    return recompute(forward, *args, use_reentrant=False, **kwargs)
+
+
+def frozen(model, precision):
+    """A frozen model as the run uses it: no gradients, eval mode, in the run's low precision under
+    --mixed_precision, without the attention layers' no-op upcasts in fp32."""
+    from .training import freeze
+
+    freeze(model)
+    precision.cast_frozen(model)
+    skip_fp32_upcasts(precision, model)
+    return model
+
+
+def skip_fp32_upcasts(precision, *models):
+    """Kandinsky's attention layers upcast scores to fp32 for the softmax and cast back. In an fp32 run both casts
+    are copies that change nothing (a tenth of a tiny decoder step on CPU): turn them off there. With
+    --mixed_precision they stay, since there they matter."""
+    from ppdiffusers.models.attention_processor import Attention
+
+    if precision.enabled:
+        return
+    for model in models:
+        for _, layer in model.named_sublayers():
+            if isinstance(layer, Attention):
+                layer.upcast_softmax = layer.upcast_attention = False

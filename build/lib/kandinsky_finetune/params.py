@@ -1,0 +1,177 @@
+"""Command line shared by the four scripts.
+
+Names, defaults and meanings follow the two reference examples (PaddleMIX's ppdiffusers port and
+Hugging Face diffusers' original), so their README commands run unchanged. Each script adds what only
+it has (`add_*_args`) and then calls `parse(parser, argv)`, which checks the combinations that argparse
+cannot and turns every mistake into one `UsageError` line.
+"""
+import argparse
+import os
+
+DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, before any training."""
+
+
+def build_parser(description, lora=False):
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--pretrained_decoder_model_name_or_path", default=DEFAULT_DECODER,
+      help="Decoder repo (hub id or local folder with unet/, movq/, scheduler/).")
+    a("--pretrained_prior_model_name_or_path", default=DEFAULT_PRIOR,
+      help="Prior repo (hub id or local folder with prior/, image_encoder/, text_encoder/, tokenizer/, scheduler/, "
+           "image_processor/).")
+    a("--dataset_name", default=None,
+      help="A dataset on the hub, or a local dataset folder (a `save_to_disk` folder or data files, e.g. an imagefolder).")
+    a("--dataset_config_name", default=None, help="The dataset's config name, if it has several.")
+    a("--train_data_dir", default=None,
+      help="A local imagefolder: images plus a metadata.jsonl with `file_name` and the caption column.")
+    a("--image_column", default="image", help="The dataset column holding the images.")
+    a("--max_train_samples", type=int, default=None,
+      help="Train on this many samples only (taken after a seeded shuffle), for debugging or quick runs.")
+    a("--output_dir", default="kandi_2_2-model-finetuned", help="Where the trained model and checkpoints are written.")
+    a("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
+    a("--seed", type=int, default=None,
+      help="Seed for shuffling, noise and timesteps (a random one is drawn and recorded in checkpoints if unset).")
+    a("--resolution", type=int, default=512,
+      help="Image side in pixels: training images for the decoder, and the size of the validation images that "
+           "--validation_prompt(s) generate in all scripts. Must be a multiple of the MoVQ downscale factor (8).")
+    a("--train_batch_size", type=int, default=1, help="Batch size per device.")
+    a("--num_train_epochs", type=int, default=100)
+    a("--max_train_steps", type=int, default=None,
+      help="Total optimizer steps; overrides --num_train_epochs when set.")
+    a("--gradient_accumulation_steps", type=int, default=1,
+      help="Micro-batches accumulated per optimizer step (gradients are synchronised once per step).")
+    a("--gradient_checkpointing", action="store_true",
+      help="Recompute activations in backward to save memory (slower).")
+    a("--learning_rate", type=float, default=1e-4)
+    a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule over optimizer steps.")
+    a("--lr_warmup_steps", type=int, default=500, help="Warm-up length in optimizer steps.")
+    a("--snr_gamma", type=float, default=None,
+      help="Min-SNR weighting gamma (5.0 is recommended); unset means plain MSE.")
+    a("--use_8bit_adam", action="store_true", help="Not available in Paddle: the script exits with an explanation.")
+    a("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere or newer GPUs.")
+    a("--cache_encoder_outputs", action="store_true",
+      help="Run the frozen encoders (CLIP image/text encoders, MoVQ) once over the dataset and keep their outputs on "
+           "disk in the datasets cache; later steps, epochs and runs with the same models, data and preprocessing "
+           "reuse them instead of re-encoding every step.")
+    a("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0 = in the main process).")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=0.0)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 disables clipping).")
+    a("--push_to_hub", action="store_true", help="Upload output_dir (without checkpoints) to the Hugging Face Hub.")
+    a("--hub_token", default=None, help="Token for --push_to_hub (default: the one saved by `huggingface-cli login`).")
+    a("--hub_model_id", default=None, help="Repo for --push_to_hub (default: the output_dir's name).")
+    a("--logging_dir", default="logs", help="Log folder, relative to output_dir.")
+    a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+      help="Train with paddle.amp autocast in this precision (trainable weights stay fp32). GPU only: fp32 on CPU.")
+    a("--report_to", default="visualdl", choices=["visualdl", "tensorboard", "wandb"],
+      help="Where to log scalars and validation images (under output_dir/logging_dir).")
+    a("--tracker_project_name", default="text2image-fine-tune",
+      help="Run name: the log sub-folder (visualdl, tensorboard) or the wandb project.")
+    a("--local_rank", type=int, default=-1,
+      help="GPU index for a single-process run (a paddle.distributed.launch run gets its GPU from --gpus).")
+    a("--checkpointing_steps", type=int, default=500,
+      help="Save a checkpoint-<N> folder (weights and training state) every N optimizer steps.")
+    a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoint folders.")
+    a("--print_memory_plan", nargs="?", const="here", choices=["here", "gpu", "cpu"], default=None,
+      help="Print the per-device memory plan (weights, gradients, optimizer states, EMA, frozen models, activations; "
+           "from the model configs: no weights loaded, no dataset needed) for this machine's device, or for a GPU "
+           "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")
+    a("--resume_from_checkpoint", default=None,
+      help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
+    if lora:
+        a("--lora_rank", "--rank", dest="lora_rank", type=int, default=4, help="Rank of the LoRA update matrices.")
+        a("--validation_prompt", default=None, help="Prompt that validation images are generated from.")
+        a("--num_validation_images", type=int, default=4, help="Images generated per validation.")
+        a("--validation_epochs", type=int, default=1, help="Validate every N epochs (epoch 0 included).")
+    else:
+        a("--validation_prompts", nargs="+", default=None, help="Prompts that validation images are generated from.")
+        a("--validation_epochs", type=int, default=5, help="Validate every N epochs (epoch 0 included) and at the end.")
+        a("--use_ema", action="store_true",
+          help="Keep an exponential moving average of the weights; it is checkpointed and becomes the saved model.")
+    return p
+
+
+def add_prior_args(p):
+    p.add_argument("--caption_column", default="text",
+                   help="The dataset column holding captions: a string, or a list of strings (one is picked at random).")
+
+
+def add_decoder_args(p):
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Use memory-efficient attention kernels (GPU only).")
+    p.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel offset noise (0 = off).")
+    p.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
+    p.add_argument("--center_crop", action="store_true",
+                   help="Crop the centre of each image to a square; by default the square is cropped at random.")
+
+
+def parse(parser, argv=None):
+    args = parser.parse_args(argv)
+    check(args)
+    return args
+
+
+def check(args):
+    if args.print_memory_plan:  # needs the models' configs only
+        return
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise UsageError("give a dataset: --dataset_name (hub name or local folder) or --train_data_dir (imagefolder)")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise UsageError("give either --dataset_name or --train_data_dir, not both")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "validation_epochs", "resolution"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {value})")
+    if getattr(args, "lora_rank", 1) < 1:
+        raise UsageError(f"--lora_rank must be at least 1 (got {args.lora_rank})")
+    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
+        raise UsageError("--lr_warmup_steps and --dataloader_num_workers cannot be negative")
+    if args.use_8bit_adam:
+        raise UsageError("--use_8bit_adam needs bitsandbytes, which has no Paddle version; drop the flag "
+                         "(LoRA scripts or --gradient_checkpointing also cut memory)")
+    if os.path.isfile(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not os.path.isdir(resume) \
+            and not os.path.isdir(os.path.join(args.output_dir, resume)):
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+
+
+def run(main):
+    """Run a script's main(): a UsageError becomes one `error:` line and exit status 2, a failure during training
+    (faults.RunError) one `error:` line and status 1, a honoured stop request status 128 + the signal number
+    (the run has said where its checkpoint is), a Ctrl-C that could not wait status 130."""
+    import sys
+
+    from tqdm import tqdm
+
+    from .faults import RunError, Stopped
+
+    def error(message, status):
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on a line of its own, even under a progress bar
+        sys.exit(status)
+
+    try:
+        main()
+    except UsageError as e:
+        error(e, 2)
+    except RunError as e:
+        error(e, 1)
+    except Stopped as e:
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        error("interrupted (Ctrl-C): no checkpoint was written for the step in progress", 130)

@@ -1,0 +1,446 @@
+"""The training-loop pieces every script uses: the step plan, gradient accumulation, the diffusion loss
+with Min-SNR weighting, the optimizer and lr schedule, mixed precision and device settings."""
+import contextlib
+import math
+import os
+import signal
+
+import paddle
+import paddle.nn.functional as F
+
+from .params import UsageError
+
+
+# ---------------------------------------------------------------- plan and accumulation
+def plan_steps(batches_per_epoch, accumulation, num_train_epochs, max_train_steps):
+    """(optimizer steps per epoch, total steps, epochs). An epoch's last, shorter accumulation group still
+    makes an optimizer step, so no gradient is carried into the next epoch."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    if max_train_steps is None:
+        max_train_steps = num_train_epochs * steps_per_epoch
+    return steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch)
+
+
+def accumulation_groups(batches, num_batches, accumulation):
+    """Yield (batch, group_size, is_last) so each micro-batch's loss can be divided by its group's real size
+    and gradients synchronised on the last one only."""
+    for i, batch in enumerate(batches):
+        start = i - i % accumulation
+        size = min(accumulation, num_batches - start)
+        yield batch, size, i - start == size - 1
+
+
+# ---------------------------------------------------------------- loss
+def min_snr_weights(alphas_cumprod, timesteps, gamma, prediction_type):
+    """Per-sample Min-SNR-gamma weights (Hang et al. 2023) for a loss on the given prediction type."""
+    alpha_bar = alphas_cumprod.cast("float32")[timesteps]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = paddle.minimum(snr, paddle.full_like(snr, gamma))
+    if prediction_type == "epsilon":
+        # min(snr, g) / snr written without dividing when snr < g (snr can be 0 at the last timestep)
+        return paddle.where(snr < gamma, paddle.ones_like(snr), gamma / snr)
+    if prediction_type == "sample":
+        return clipped
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma):
+    """MSE per sample, Min-SNR weighted when snr_gamma is set, averaged over the batch."""
+    per_sample = F.mse_loss(pred.cast("float32"), target.cast("float32"), reduction="none")
+    per_sample = per_sample.reshape([per_sample.shape[0], -1]).mean(axis=1)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, snr_gamma,
+                                                  noise_scheduler.config.prediction_type)
+    return per_sample.mean()
+
+
+def diffusion_target(noise_scheduler, clean, noise, timesteps):
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(clean, noise, timesteps)
+    raise UsageError(f"unsupported scheduler prediction_type {kind!r}")
+
+
+# ---------------------------------------------------------------- optimizer
+def build_optimizer(parameters, args, sampler):
+    from ppdiffusers.optimization import get_scheduler
+
+    max_train_steps = plan_steps(sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs,
+                                 args.max_train_steps)[1]
+    # The schedule counts optimizer steps, the unit of --lr_warmup_steps and --max_train_steps.
+    lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
+                                 num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps)
+    clip = paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm > 0 else None
+    optimizer = paddle.optimizer.AdamW(learning_rate=lr_scheduler, parameters=parameters, beta1=args.adam_beta1,
+                                       beta2=args.adam_beta2, epsilon=args.adam_epsilon,
+                                       weight_decay=args.adam_weight_decay, grad_clip=clip)
+    return optimizer, lr_scheduler
+
+
+def release_optimizer_state(optimizer):
+    """Free the optimizer's moments (8 bytes per trained parameter in AdamW) once no step and no checkpoint needs
+    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables."""
+    for table in ("_accumulators", "_master_weights", "_accumulators_holder"):
+        if isinstance(getattr(optimizer, table, None), dict):
+            getattr(optimizer, table).clear()
+    import gc
+
+    gc.collect()
+
+
+def as_tensor(x):
+    """A loader's tensor as it is, a numpy array (the cache's encoding batches) as a tensor."""
+    return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
+    return model
+
+
+# ---------------------------------------------------------------- precision and device
+def on_gpu():
+    return "gpu" in paddle.get_device()
+
+
+class Precision:
+    """--mixed_precision: autocast (O1) in fp16/bf16 with a dynamic loss scaler for fp16; trainable weights
+    stay fp32. Paddle's autocast does nothing on CPU, so there the run says so and trains in fp32."""
+
+    def __init__(self, mode, log):
+        self.mode, self.enabled = mode, mode != "no" and on_gpu()
+        if mode != "no" and not self.enabled:
+            log.warn(f"--mixed_precision {mode} needs a GPU (Paddle's autocast is a no-op on "
+                     f"{paddle.get_device()}); training in fp32")
+        if self.enabled and mode == "bf16" and not paddle.amp.is_bfloat16_supported():
+            raise UsageError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16")
+        self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(mode) if self.enabled else "float32"
+        self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if self.enabled and mode == "fp16" else None
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, dtype=self.dtype, level="O1")
+
+    def cast_frozen(self, *models):
+        """Frozen models run in the low precision to save memory; nothing trains in it, and outputs take the frozen
+        components from their source files (output.py), never from these copies."""
+        if self.enabled:
+            for m in models:
+                m.to(dtype=self.dtype)
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer):
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state):
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
+
+def memory_efficient_attention(model, wanted, log):
+    """--enable_xformers_memory_efficient_attention: Paddle's memory-efficient scaled-dot-product attention, where
+    this device and build have it (ppdiffusers checks by running the kernel once)."""
+    from ppdiffusers.utils import is_ppxformers_available
+
+    if not wanted:
+        return
+    if is_ppxformers_available():
+        model.enable_xformers_memory_efficient_attention()
+    else:
+        log.warn("--enable_xformers_memory_efficient_attention: Paddle's memory-efficient attention is not available "
+                 f"on {paddle.get_device()} with this Paddle build; using standard attention")
+
+
+def use_cpu_cores(ctx):
+    """Paddle's CPU kernels run on one thread unless told otherwise: give each process on this machine its share of
+    the cores (an OMP_NUM_THREADS set by the user wins)."""
+    if on_gpu() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", ctx.world_size))
+    paddle.base.core.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
+
+
+def configure_tf32(allow_tf32, log):
+    """Like the references: TF32 matmuls and convolutions only with --allow_tf32 (Paddle's GPU build allows TF32
+    in cuBLAS by default). Paddle's own switches, set before any GPU kernel runs."""
+    if not on_gpu():
+        if allow_tf32:
+            log.warn("--allow_tf32 only affects NVIDIA GPUs; ignored on " + paddle.get_device())
+        return
+    paddle.base.core.set_cublas_switch(allow_tf32)
+    paddle.base.core.set_cudnn_switch(allow_tf32)
+
+
+# ---------------------------------------------------------------- EMA
+def build_ema(parameters, use_ema):
+    if not use_ema:
+        return None
+    from ppdiffusers.training_utils import EMAModel
+
+    return EMAModel(parameters)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, parameters):
+    """Put the EMA weights into the live model for a while (validation, the checkpoint's EMA copy)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+# ---------------------------------------------------------------- the loop's book-keeping
+class Loop:
+    """Epochs, micro-batches and optimizer steps; the script computes the loss in between.
+
+        loop = Loop(...)                   # resumes, creates output_dir and the tracker
+        for epoch in loop.epochs():
+            for batch in loop.micro_batches(epoch):
+                with loop.accumulating():
+                    loop.backward(loss)    # loss of `batch` with loop.model
+                loop.step_if_due()         # after a group's last micro-batch: step, EMA, log, checkpoint
+            loop.validate_if_due(epoch, validate)
+        loop.finish(save, validate)
+
+    Each micro-batch's loss is divided by the real size of its accumulation group; gradients are
+    all-reduced on the group's last micro-batch only; the logged loss is the group's mean over all ranks.
+
+    Faults (see faults.py): before each optimizer step one all-reduce brings every rank the loss, whether any
+    gradient is non-finite and whether any rank got SIGTERM/SIGINT, so all ranks decide alike. A non-finite
+    loss or gradient ends the run before the step (RunError); after a stop request the step completes, rank 0
+    writes checkpoint-<step>, and every rank raises faults.Stopped. No checkpoint and no final save is ever
+    written from non-finite weights.
+    """
+
+    def __init__(self, args, run, model, trainable, optimizer, lr_scheduler, ema, sampler, loader, checkpointer,
+                 num_samples, note=""):
+        from . import distributed, faults, tracking
+
+        self.args, self.ctx, self.log, self.precision, self.clock = args, run.ctx, run.log, run.precision, run.clock
+        self.trainable, self.optimizer, self.lr_scheduler, self.ema = trainable, optimizer, lr_scheduler, ema
+        self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
+        self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
+            sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
+        self.global_step = checkpointer.resume(run, self.log)
+        # From here on a stop signal becomes a checkpoint; once rank 0 is past the barrier, on every rank
+        self.stop = faults.StopRequest().install()
+        distributed.barrier(self.ctx)
+        self.model = distributed.wrap(model, self.ctx)
+        prepare_output_dir(args.output_dir, self.ctx, self.log)
+        self.tracker = tracking.Tracker(args, self.ctx.is_main)
+        self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
+                 f"per epoch, {self.max_train_steps} steps in all{note}")
+        self._group, self._last, self._loss = 1, True, 0.0
+        self.clock.samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * self.ctx.world_size
+        self.bar = tracking.progress_bar(self.max_train_steps, self.global_step, self.ctx.is_main)
+
+    @property
+    def done(self):
+        return self.global_step >= self.max_train_steps
+
+    def epochs(self):
+        self.clock.start_training()
+        for epoch in range(self.global_step // self.steps_per_epoch, self.num_epochs):
+            if self.done:
+                return
+            yield epoch
+
+    def micro_batches(self, epoch):
+        accumulation = self.args.gradient_accumulation_steps
+        done_in_epoch = self.global_step - epoch * self.steps_per_epoch  # > 0 only when resuming mid-epoch
+        self.sampler.set_epoch(epoch, skip_batches=done_in_epoch * accumulation)
+        for batch, self._group, self._last in accumulation_groups(self.loader, len(self.sampler), accumulation):
+            yield batch
+            if self.done:
+                return
+
+    def accumulating(self):
+        from .distributed import no_sync_unless
+
+        return no_sync_unless(self._last, self.model)
+
+    def backward(self, loss):
+        loss = loss / self._group
+        self.precision.backward(loss)
+        self._loss += float(loss.item())
+
+    def step_if_due(self):
+        """After a group's last micro-batch: check, step, EMA, log; a checkpoint when due or when asked to stop."""
+        if not self._last:
+            return
+        try:
+            self._step()
+        except BaseException:  # the progress bar closes before the error line
+            self._close()
+            raise
+
+    def _step(self):
+        from . import distributed, faults
+
+        step = self.global_step + 1
+        grads_finite = faults.all_finite([p.grad for p in self.trainable])
+        loss, bad_grads, stop = distributed.sum_across_ranks(
+            [self._loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
+        loss /= self.ctx.world_size
+        warning = faults.check_step(step, loss, bad_grads == 0, self.precision.scaler)
+        if warning:
+            self.log.warn(warning)
+        self.precision.step(self.optimizer)
+        self.lr_scheduler.step()
+        # Gradients are freed, not zeroed: between steps (checkpoints, validation) their memory is free
+        self.optimizer.clear_grad(set_to_zero=False)
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        self.global_step += 1
+        self.clock.step_done()
+        logged = {"train_loss": loss, "lr": self.lr_scheduler.get_lr()}
+        self._loss = 0.0
+        self.tracker.scalars(logged, self.global_step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}")
+        if self.global_step % self.args.checkpointing_steps == 0 or stop:
+            path = self._checkpoint()
+        if stop:
+            distributed.barrier(self.ctx)  # no rank exits while rank 0 still writes
+            signum = self.stop.signum or signal.SIGTERM  # (a signal another rank got)
+            self.log(f"stopped by {signal.Signals(signum).name} after step {self.global_step}: saved {path}; "
+                     "continue with --resume_from_checkpoint latest")
+            raise faults.Stopped(signum)
+
+    def _checkpoint(self):
+        """checkpoint-<step>, written by rank 0; returns its path (None on other ranks)."""
+        self._check_weights()
+        if not self.ctx.is_main:
+            return None
+        with self.clock.phase("checkpointing"):
+            path = self.checkpointer.save(self.global_step)
+        self.log(f"saved {path}")
+        return path
+
+    def _check_weights(self):
+        from .faults import RunError, all_finite
+
+        if not all_finite(list(self.trainable) + (list(self.ema.shadow_params) if self.ema is not None else [])):
+            raise RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: training "
+                           "diverged; nothing was saved from it (try a lower --learning_rate, or --max_grad_norm)")
+
+    def _close(self):
+        """End of the run, whatever the way: the progress bar, the tracker, the signal handlers."""
+        if self.stop is None:
+            return
+        self.bar.close()
+        self.tracker.close()
+        self.stop.restore()
+        self.stop = None
+
+    def validate_if_due(self, epoch, validate):
+        """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a
+        prompt; the end of training validates in finish()."""
+        from .validation import prompts
+
+        if prompts(self.args) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done:
+            self._validate(validate)
+
+    def _validate(self, validate):
+        with self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be in half precision
+            validate(self.global_step)
+
+    def finish(self, save, validate):
+        """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
+        returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
+        Every rank waits for it, so none exits while rank 0 still writes."""
+        from . import checkpoint, distributed, hub
+        from .validation import prompts
+
+        self.bar.close()
+        self.clock.stop_training()
+        release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
+        distributed.barrier(self.ctx)
+        try:
+            if self.ctx.is_main:
+                if self.ema is not None:
+                    self.ema.copy_to(self.trainable)
+                self._check_weights()
+                if prompts(self.args):
+                    self._validate(validate)
+                with self.clock.phase("saving"):
+                    what = checkpoint.publish(self.args.output_dir, save)
+                self.log(f"saved {what} to {self.args.output_dir}")
+                if self.args.push_to_hub:
+                    hub.upload(self.args, self.log)
+        finally:
+            self._close()
+        distributed.barrier(self.ctx)
+        self.log(self.clock.summary())
+
+
+# ---------------------------------------------------------------- start-up
+def start_run(args, kind, lora):
+    """What every script does first: devices and processes, logging, the memory plan of this `kind` ("prior" or
+    "decoder") of run (all that --print_memory_plan does), precision, the seed, and the checkpoint to resume from
+    (whose seed wins, so a resumed run continues the same shuffles and noise)."""
+    from types import SimpleNamespace
+
+    from . import checkpoint, distributed, tracking
+
+    clock = tracking.Stopwatch()
+    tracking.quiet_libraries()
+    ctx = distributed.setup(args.local_rank)
+    use_cpu_cores(ctx)
+    log = tracking.Log(ctx.is_main)
+    from . import memory_plan
+
+    memory_plan.report(args, kind, lora, log, device=None if args.print_memory_plan in (None, "here")
+                       else args.print_memory_plan)
+    if args.print_memory_plan:
+        raise SystemExit(0)
+    tracking.check_available(args.report_to)
+    if args.push_to_hub and ctx.is_main:
+        from . import hub
+
+        hub.check_access(args)
+    configure_tf32(args.allow_tf32, log)
+    precision = Precision(args.mixed_precision, log)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    seed = distributed.broadcast_int(seed, ctx)  # a drawn seed must be the same on every rank
+    resume_path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        log(f"no checkpoint in {args.output_dir} yet: starting a new run")
+    resume_state = checkpoint.load_state(resume_path) if resume_path else None
+    if resume_state is not None:
+        seed = resume_state["seed"]
+    paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
+    return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
+                           resume_state=resume_state, clock=clock)
+
+
+def prepare_output_dir(output_dir, ctx, log):
+    """Called once all input is checked, so a bad run leaves nothing behind."""
+    if ctx.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        from .checkpoint import remove_partial
+
+        remove_partial(output_dir, log)

@@ -1,0 +1,28 @@
+"""A new user's first minutes: the package installs (so `python -m kandinsky_finetune.tiny_models` works outside the
+clone) and the offline demo prints commands a user can paste and says its picture is noise."""
+import os
+import shlex
+import sys
+
+from conftest import ROOT, run
+
+
+def test_the_package_installs_and_runs_from_any_folder(tmp_path):
+    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
+         str(target), str(ROOT)])
+    proc = run([sys.executable, "-m", "kandinsky_finetune.tiny_models", "repos"], cwd=elsewhere,
+               env={"PYTHONPATH": str(target)})
+    assert "tiny prior repo: repos/prior" in proc.stdout
+    assert os.path.isfile(elsewhere / "repos" / "decoder" / "model_index.json")
+
+
+def test_demo_prints_commands_a_user_can_paste_and_says_the_picture_is_noise(tmp_path):
+    proc = run([sys.executable, "-m", "kandinsky_finetune.demo", "--workdir", str(tmp_path), "--steps", "2"])
+    commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:2] == ["python", "-u"] and os.path.isfile(words[2]), command
+    assert "the picture is noise" in proc.stdout.strip().splitlines()[-1]
