@@ -140,3 +140,22 @@ def test_runs_print_no_library_warnings_users_cannot_act_on(tiny, tmp_path):
     assert "validation images:" in proc.stderr
     for noise in ("No ccache found", "Setuptools is replacing distutils", "callback_steps"):
         assert noise not in proc.stderr + proc.stdout, noise
+
+
+def test_a_decoder_output_outlives_its_source_repos(tiny, tmp_path):
+    """The frozen components are hard links, not references: with the source repos deleted after training, the
+    output still loads as a KandinskyV22CombinedPipeline."""
+    import shutil
+
+    from ppdiffusers import KandinskyV22CombinedPipeline
+
+    prior, decoder = tmp_path / "prior", tmp_path / "decoder"
+    shutil.copytree(tiny.prior, prior)
+    shutil.copytree(tiny.decoder, decoder)
+    out = tmp_path / "out"
+    run_script("train_text_to_image_decoder.py", *model_args(tiny, out, "--max_train_steps", 1),
+               "--pretrained_prior_model_name_or_path", prior, "--pretrained_decoder_model_name_or_path", decoder)
+    shutil.rmtree(prior)
+    shutil.rmtree(decoder)
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(str(out))
+    assert pipe.prior_image_encoder is not None and pipe.movq is not None
