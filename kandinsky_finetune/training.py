@@ -413,9 +413,11 @@ def start_run(args, kind, lora):
     log = tracking.Log(ctx.is_main)
     from . import memory_plan
 
-    memory_plan.report(args, kind, lora, log, device=None if args.print_memory_plan in (None, "here")
-                       else args.print_memory_plan)
-    if args.print_memory_plan:
+    plan = memory_plan.report(args, kind, lora, log, device=None if args.print_memory_plan in (None, "here")
+                              else args.print_memory_plan)
+    if args.print_memory_plan:  # all that was asked for
+        if plan is None:
+            raise UsageError("--print_memory_plan: the plan cannot be computed (see the warning above)")
         raise SystemExit(0)
     tracking.check_available(args.report_to)
     if args.push_to_hub and ctx.is_main:

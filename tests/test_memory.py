@@ -108,6 +108,11 @@ def test_a_plan_that_cannot_be_computed_is_one_warning_line(tiny, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert any(line.startswith("warning: no memory plan: ") for line in lines), lines
     assert "Traceback" not in proc.stderr
+    # asked for the plan alone, that is an error
+    proc = run_script("train_text_to_image_prior.py", "--pretrained_prior_model_name_or_path", repo,
+                      "--print_memory_plan", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --print_memory_plan: the plan cannot be computed (see the warning above)")
 
 
 def test_models_load_without_a_second_copy_and_equal_from_pretrained(tiny, monkeypatch):
