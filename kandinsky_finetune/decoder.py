@@ -63,16 +63,16 @@ def encode(c, precision, pixel_values, clip_pixel_values):
 
 def cached_dataset(ds, args, c, run):
     """--cache_encoder_outputs: ds's images replaced by the encoders' outputs for each view a step can draw
-    (the image, and its mirror image with --random_flip). When the augmentation cannot be cached exactly (a random
-    crop of an image that is not square), ds itself, after a one-line warning. Once the outputs are cached, training
-    needs the encoders no more: they are released (validation and the final save load them again)."""
+    (the image, and its mirror image with --random_flip). When the augmentation cannot be cached exactly
+    (--random_crop of an image that is not square), ds itself, after a one-line warning. Once the outputs are cached,
+    training needs the encoders no more: they are released (validation and the final save load them again)."""
     import datasets
 
     from . import cache
 
-    if not args.center_crop and not data.all_square(ds, args.image_column):
-        run.log.warn("--cache_encoder_outputs: a random crop of non-square images cannot be cached exactly "
-                     "(use --center_crop, or square images); training without the cache")
+    if args.random_crop and not data.all_square(ds, args.image_column):
+        run.log.warn("--cache_encoder_outputs: --random_crop of non-square images cannot be cached exactly (drop "
+                     "--random_crop for the default centre crop, or use square images); training without the cache")
         return ds
     flips = [False, True] if args.random_flip else [False]
 
@@ -92,7 +92,7 @@ def cached_dataset(ds, args, c, run):
     floats = datasets.Sequence(datasets.Value("float32"))
     features = datasets.Features({"size": datasets.Sequence(datasets.Value("int32")), "latents": floats,
                                   "image_embeds": floats})
-    key = ["decoder", args.image_column, args.resolution, args.center_crop, flips,
+    key = ["decoder", args.image_column, args.resolution, args.random_crop, flips,
            cache.model_fingerprint(c.movq), cache.model_fingerprint(c.image_encoder), c.image_processor.to_dict(),
            run.precision.dtype, paddle.get_device().split(":")[0]]
     encoded = cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
@@ -108,13 +108,13 @@ def sample_maker(args, c):
 
     def make_sample(example, rng, row):
         if "latents" in example:  # cached: the view's crop is the whole (square or centre-cropped) image
-            flipped = data.draw_view(rng, tuple(example["size"]), args.center_crop, args.random_flip)[3]
+            flipped = data.draw_view(rng, tuple(example["size"]), not args.random_crop, args.random_flip)[3]
             views = 2 if args.random_flip else 1
             inputs = {"latents": example["latents"].reshape(views, *latent_shape)[int(flipped)],
                       "image_embeds": example["image_embeds"].reshape(views, -1)[int(flipped)]}
         else:
             image = example[args.image_column]
-            image = data.apply_view(image, data.draw_view(rng, image.size, args.center_crop, args.random_flip),
+            image = data.apply_view(image, data.draw_view(rng, image.size, not args.random_crop, args.random_flip),
                                     args.resolution)
             inputs = {"pixel_values": data.to_movq_input(image),
                       "clip_pixel_values": data.clip_input(c.image_processor, image)}

@@ -109,8 +109,13 @@ def add_decoder_args(p):
                    help="Use memory-efficient attention kernels (GPU only).")
     p.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel offset noise (0 = off).")
     p.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
-    p.add_argument("--center_crop", action="store_true",
-                   help="Crop the centre of each image to a square; by default the square is cropped at random.")
+    crop = p.add_mutually_exclusive_group()
+    crop.add_argument("--random_crop", action="store_true",
+                      help="Crop the square from a random place of each image (an augmentation for non-square images; "
+                           "with --cache_encoder_outputs such images are then trained without the cache).")
+    crop.add_argument("--center_crop", action="store_true",
+                      help="Crop the centre of each image to a square, as the references do. This is the default: the "
+                           "flag is kept so their commands run.")
 
 
 def parse(parser, argv=None):

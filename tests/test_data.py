@@ -116,7 +116,7 @@ def fake_components(tiny):
 
 def test_training_samples_are_rgb_for_any_mode(tiny):
     c = fake_components(tiny)
-    args = SimpleNamespace(image_column="image", caption_column="text", resolution=64, center_crop=True,
+    args = SimpleNamespace(image_column="image", caption_column="text", resolution=64, random_crop=False,
                            random_flip=False, noise_offset=0.0)
     make_prior, make_decoder = prior.sample_maker(args, c), decoder.sample_maker(args, c)
     rgb = picture()
@@ -129,6 +129,27 @@ def test_training_samples_are_rgb_for_any_mode(tiny):
         sample = make_decoder(example, sample_rng(0, 0, 0), 0)
         assert sample["pixel_values"].shape == (3, 64, 64), mode  # MoVQ input
         assert sample["clip_pixel_values"].shape == (3, 32, 32), mode
+
+
+def test_decoder_crops_the_centre_unless_random_crop(tiny, tmp_path):
+    """The references' centre crop is the default; --random_crop draws the square's place; not both."""
+    import train_text_to_image_decoder
+
+    c = fake_components(tiny)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 160, 3), dtype=np.uint8))  # 129 squares
+    centre = to_movq_input(apply_view(image, (64, 0, 32, False), 32))
+
+    def movq_inputs(*flags):
+        make = decoder.sample_maker(train_text_to_image_decoder.parse_args(
+            ["--train_data_dir", str(tmp_path), "--resolution", "32", *flags]), c)
+        return [make({"image": image}, sample_rng(0, 0, row), row)["pixel_values"] for row in range(4)]
+
+    for flags in [], ["--center_crop"]:
+        assert all(np.array_equal(x, centre) for x in movq_inputs(*flags)), flags
+    assert not any(np.array_equal(x, centre) for x in movq_inputs("--random_crop"))
+    with pytest.raises(SystemExit) as e:
+        train_text_to_image_decoder.parse_args(["--train_data_dir", str(tmp_path), "--random_crop", "--center_crop"])
+    assert e.value.code == 2
 
 
 def dataset_in_modes(tiny, folder):
