@@ -77,17 +77,18 @@ def cached_dataset(ds, args, c, run):
     flips = [False, True] if args.random_flip else [False]
 
     def encode_batch(batch):
-        views, sizes = [], []
+        inputs, sizes = [], []
         for image in batch[args.image_column]:
             sizes.append(list(image.size))
             center = data.draw_view(None, image.size, center=True, flip=False)
-            views += [data.apply_view(image, center[:3] + (flipped,), args.resolution) for flipped in flips]
-        latents, image_embeds = encode(c, run.precision, np.stack([data.to_movq_input(v) for v in views]),
-                                       np.stack([data.clip_input(c.image_processor, v) for v in views]))
+            inputs += [data.view_inputs(c.image_processor, image, center[:3] + (flipped,), args.resolution)
+                       for flipped in flips]
+        movq_inputs, clip_inputs = zip(*inputs)
+        latents, image_embeds = encode(c, run.precision, np.stack(movq_inputs), np.stack(clip_inputs))
         n = len(flips)
         latents, image_embeds = latents.numpy(), image_embeds.numpy()
-        return {"size": sizes, "latents": [latents[i:i + n].reshape(-1) for i in range(0, len(views), n)],
-                "image_embeds": [image_embeds[i:i + n].reshape(-1) for i in range(0, len(views), n)]}
+        return {"size": sizes, "latents": [latents[i:i + n].reshape(-1) for i in range(0, len(inputs), n)],
+                "image_embeds": [image_embeds[i:i + n].reshape(-1) for i in range(0, len(inputs), n)]}
 
     floats = datasets.Sequence(datasets.Value("float32"))
     features = datasets.Features({"size": datasets.Sequence(datasets.Value("int32")), "latents": floats,
@@ -114,10 +115,9 @@ def sample_maker(args, c):
                       "image_embeds": example["image_embeds"].reshape(views, -1)[int(flipped)]}
         else:
             image = example[args.image_column]
-            image = data.apply_view(image, data.draw_view(rng, image.size, not args.random_crop, args.random_flip),
-                                    args.resolution)
-            inputs = {"pixel_values": data.to_movq_input(image),
-                      "clip_pixel_values": data.clip_input(c.image_processor, image)}
+            view = data.draw_view(rng, image.size, not args.random_crop, args.random_flip)
+            pixel_values, clip_pixel_values = data.view_inputs(c.image_processor, image, view, args.resolution)
+            inputs = {"pixel_values": pixel_values, "clip_pixel_values": clip_pixel_values}
         noise = rng.standard_normal(latent_shape, dtype="float32")
         if args.noise_offset:
             noise += args.noise_offset * rng.standard_normal((latent_shape[0], 1, 1), dtype="float32")
