@@ -33,7 +33,8 @@ def build_parser(description, lora=False):
     a("--image_column", default="image", help="The dataset column holding the images.")
     a("--max_train_samples", type=int, default=None,
       help="Train on this many samples only (taken after a seeded shuffle), for debugging or quick runs.")
-    a("--output_dir", default="kandi_2_2-model-finetuned", help="Where the trained model and checkpoints are written.")
+    a("--output_dir", default="kandi_2_2-model-finetuned" + ("-lora" if lora else ""),  # the references' defaults
+      help="Where the trained model and checkpoints are written.")
     a("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
     a("--seed", type=int, default=None,
       help="Seed for shuffling, noise and timesteps (a random one is drawn and recorded in checkpoints if unset).")
