@@ -87,6 +87,9 @@ def build_parser(description, lora=False):
            "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")
     a("--resume_from_checkpoint", default=None,
       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
+    a("--num_inference_steps", type=int, default=30 if lora else 20,
+      help="Denoising steps of the prior and of the decoder for each validation image: the references' 20 in the full "
+           "scripts, 30 in the LoRA scripts (fewer make validation cheaper).")
     if lora:
         a("--lora_rank", "--rank", dest="lora_rank", type=int, default=4, help="Rank of the LoRA update matrices.")
         a("--validation_prompt", default=None, help="Prompt that validation images are generated from.")
@@ -133,7 +136,7 @@ def check(args):
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise UsageError("give either --dataset_name or --train_data_dir, not both")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "validation_epochs", "resolution"):
+                 "validation_epochs", "resolution", "num_inference_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
