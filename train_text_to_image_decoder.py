@@ -8,10 +8,14 @@ output_dir then loads with `KandinskyV22CombinedPipeline.from_pretrained(output_
 from kandinsky_finetune import checkpoint, data, decoder, params, training, validation
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = params.build_parser(__doc__.splitlines()[0])
     params.add_decoder_args(parser)
-    return params.parse(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return params.parse(build_parser(), argv)
 
 
 def main(argv=None):

@@ -8,10 +8,14 @@ Load the result with `pipe.unet.load_attn_procs(output_dir)` on a KandinskyV22Co
 from kandinsky_finetune import checkpoint, data, decoder, lora, params, training, validation
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = params.build_parser(__doc__.splitlines()[0], lora=True)
     params.add_decoder_args(parser)
-    return params.parse(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return params.parse(build_parser(), argv)
 
 
 def main(argv=None):

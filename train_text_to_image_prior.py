@@ -8,10 +8,14 @@ output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a Ka
 from kandinsky_finetune import checkpoint, data, models, params, prior, training, validation
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = params.build_parser(__doc__.splitlines()[0])
     params.add_prior_args(parser)
-    return params.parse(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return params.parse(build_parser(), argv)
 
 
 def main(argv=None):

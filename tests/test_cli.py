@@ -52,3 +52,25 @@ def test_validation_steps_default_to_the_references_and_reach_prior_and_decoder(
                                   for call in pipe.calls), (flags, pipe.calls)
     with pytest.raises(UsageError, match="--num_inference_steps must be at least 1"):
         parsed(name, tmp_path, "--num_inference_steps", "0")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_has_a_help_text_and_help_shows_defaults(name, capsys):
+    parser = SCRIPTS[name].build_parser()
+    missing = [action.option_strings for action in parser._actions if not (action.help or "").strip()]
+    assert not missing, f"flags without a help text: {missing}"
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[name].parse_args(["--help"])
+    assert e.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also at hyphens)
+    assert "--learning_rateLEARNING_RATEPeaklearningrateofAdamW(reachedafterthewarm-up).(default:0.0001)" in text
+    assert "(default:None)" not in text and "(default:False)" not in text  # nothing to show for those
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_an_abbreviated_flag_is_an_error_not_taken_for_the_full_one(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parsed(name, tmp_path, "--max_train_step=3")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: unrecognized arguments: --max_train_step=3" in err
