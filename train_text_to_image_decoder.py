@@ -1,6 +1,6 @@
 """Fine-tune the Kandinsky 2.2 decoder (the UNet over MoVQ latents, conditioned on CLIP image embeddings).
 
-    python -u train_text_to_image_decoder.py --dataset_name=lambdalabs/pokemon-blip-captions --output_dir=out
+    python -u train_text_to_image_decoder.py --dataset_name=lambdalabs/naruto-blip-captions --output_dir=out
     python -m paddle.distributed.launch --gpus "0,1" train_text_to_image_decoder.py ...
 
 output_dir then loads with `KandinskyV22CombinedPipeline.from_pretrained(output_dir)`.

@@ -1,6 +1,6 @@
 """Fine-tune the Kandinsky 2.2 prior (text -> CLIP image embedding).
 
-    python -u train_text_to_image_prior.py --dataset_name=lambdalabs/pokemon-blip-captions --output_dir=out
+    python -u train_text_to_image_prior.py --dataset_name=lambdalabs/naruto-blip-captions --output_dir=out
     python -m paddle.distributed.launch --gpus "0,1" train_text_to_image_prior.py ...
 
 output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a KandinskyV22PriorPipeline).
