@@ -1,6 +1,6 @@
 """LoRA fine-tuning of the Kandinsky 2.2 decoder: the UNet stays frozen, small LoRA layers on its attention train.
 
-    python -u train_text_to_image_decoder_lora.py --dataset_name=lambdalabs/pokemon-blip-captions --output_dir=out
+    python -u train_text_to_image_decoder_lora.py --dataset_name=lambdalabs/naruto-blip-captions --output_dir=out
     python -m paddle.distributed.launch --gpus "0,1" train_text_to_image_decoder_lora.py ...
 
 Load the result with `pipe.unet.load_attn_procs(output_dir)` on a KandinskyV22CombinedPipeline.
@@ -8,10 +8,14 @@ Load the result with `pipe.unet.load_attn_procs(output_dir)` on a KandinskyV22Co
 from kandinsky_finetune import checkpoint, data, decoder, lora, params, training, validation
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = params.build_parser(__doc__.splitlines()[0], lora=True)
     params.add_decoder_args(parser)
-    return params.parse(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return params.parse(build_parser(), argv)
 
 
 def main(argv=None):

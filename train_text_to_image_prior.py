@@ -1,6 +1,6 @@
 """Fine-tune the Kandinsky 2.2 prior (text -> CLIP image embedding).
 
-    python -u train_text_to_image_prior.py --dataset_name=lambdalabs/pokemon-blip-captions --output_dir=out
+    python -u train_text_to_image_prior.py --dataset_name=lambdalabs/naruto-blip-captions --output_dir=out
     python -m paddle.distributed.launch --gpus "0,1" train_text_to_image_prior.py ...
 
 output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a KandinskyV22PriorPipeline).
@@ -8,10 +8,14 @@ output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a Ka
 from kandinsky_finetune import checkpoint, data, models, params, prior, training, validation
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = params.build_parser(__doc__.splitlines()[0])
     params.add_prior_args(parser)
-    return params.parse(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return params.parse(build_parser(), argv)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import json
 import os
 
 # Bump when what a script stores in the cache changes, so old caches are not read with the new meaning.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the decoder's CLIP input is the crop before resizing
 
 
 def fingerprint(*parts):

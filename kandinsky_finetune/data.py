@@ -140,12 +140,28 @@ def draw_view(rng, size, center, flip):
     return left, top, side, flipped
 
 
-def apply_view(image, view, resolution):
-    """Crop the square of `view`, resize it to `resolution`, maybe flip it: PIL in (any mode), RGB PIL out."""
+def crop_view(image, view):
+    """The square of `view`, maybe flipped, at the image's own resolution: PIL in (any mode), RGB PIL out. It is what
+    the CLIP image processor gets (as in the references, which give it the image itself, not the resized one)."""
     left, top, side, flipped = view
     image = image.convert("RGB").crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flipped else image
+
+
+def resize(image, resolution):
+    """A square crop resized to `resolution`: what MoVQ gets."""
+    return image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
+
+
+def apply_view(image, view, resolution):
+    """The square of `view`, maybe flipped, resized to `resolution`: PIL in (any mode), RGB PIL out."""
+    return resize(crop_view(image, view), resolution)
+
+
+def view_inputs(image_processor, image, view, resolution):
+    """The two encoders' inputs for one view of `image`: (MoVQ's, from the resized crop; CLIP's, from the crop)."""
+    crop = crop_view(image, view)
+    return to_movq_input(resize(crop, resolution)), clip_input(image_processor, crop)
 
 
 def to_movq_input(image):

@@ -63,36 +63,37 @@ def encode(c, precision, pixel_values, clip_pixel_values):
 
 def cached_dataset(ds, args, c, run):
     """--cache_encoder_outputs: ds's images replaced by the encoders' outputs for each view a step can draw
-    (the image, and its mirror image with --random_flip). When the augmentation cannot be cached exactly (a random
-    crop of an image that is not square), ds itself, after a one-line warning. Once the outputs are cached, training
-    needs the encoders no more: they are released (validation and the final save load them again)."""
+    (the image, and its mirror image with --random_flip). When the augmentation cannot be cached exactly
+    (--random_crop of an image that is not square), ds itself, after a one-line warning. Once the outputs are cached,
+    training needs the encoders no more: they are released (validation and the final save load them again)."""
     import datasets
 
     from . import cache
 
-    if not args.center_crop and not data.all_square(ds, args.image_column):
-        run.log.warn("--cache_encoder_outputs: a random crop of non-square images cannot be cached exactly "
-                     "(use --center_crop, or square images); training without the cache")
+    if args.random_crop and not data.all_square(ds, args.image_column):
+        run.log.warn("--cache_encoder_outputs: --random_crop of non-square images cannot be cached exactly (drop "
+                     "--random_crop for the default centre crop, or use square images); training without the cache")
         return ds
     flips = [False, True] if args.random_flip else [False]
 
     def encode_batch(batch):
-        views, sizes = [], []
+        inputs, sizes = [], []
         for image in batch[args.image_column]:
             sizes.append(list(image.size))
             center = data.draw_view(None, image.size, center=True, flip=False)
-            views += [data.apply_view(image, center[:3] + (flipped,), args.resolution) for flipped in flips]
-        latents, image_embeds = encode(c, run.precision, np.stack([data.to_movq_input(v) for v in views]),
-                                       np.stack([data.clip_input(c.image_processor, v) for v in views]))
+            inputs += [data.view_inputs(c.image_processor, image, center[:3] + (flipped,), args.resolution)
+                       for flipped in flips]
+        movq_inputs, clip_inputs = zip(*inputs)
+        latents, image_embeds = encode(c, run.precision, np.stack(movq_inputs), np.stack(clip_inputs))
         n = len(flips)
         latents, image_embeds = latents.numpy(), image_embeds.numpy()
-        return {"size": sizes, "latents": [latents[i:i + n].reshape(-1) for i in range(0, len(views), n)],
-                "image_embeds": [image_embeds[i:i + n].reshape(-1) for i in range(0, len(views), n)]}
+        return {"size": sizes, "latents": [latents[i:i + n].reshape(-1) for i in range(0, len(inputs), n)],
+                "image_embeds": [image_embeds[i:i + n].reshape(-1) for i in range(0, len(inputs), n)]}
 
     floats = datasets.Sequence(datasets.Value("float32"))
     features = datasets.Features({"size": datasets.Sequence(datasets.Value("int32")), "latents": floats,
                                   "image_embeds": floats})
-    key = ["decoder", args.image_column, args.resolution, args.center_crop, flips,
+    key = ["decoder", args.image_column, args.resolution, args.random_crop, flips,
            cache.model_fingerprint(c.movq), cache.model_fingerprint(c.image_encoder), c.image_processor.to_dict(),
            run.precision.dtype, paddle.get_device().split(":")[0]]
     encoded = cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
@@ -108,16 +109,15 @@ def sample_maker(args, c):
 
     def make_sample(example, rng, row):
         if "latents" in example:  # cached: the view's crop is the whole (square or centre-cropped) image
-            flipped = data.draw_view(rng, tuple(example["size"]), args.center_crop, args.random_flip)[3]
+            flipped = data.draw_view(rng, tuple(example["size"]), not args.random_crop, args.random_flip)[3]
             views = 2 if args.random_flip else 1
             inputs = {"latents": example["latents"].reshape(views, *latent_shape)[int(flipped)],
                       "image_embeds": example["image_embeds"].reshape(views, -1)[int(flipped)]}
         else:
             image = example[args.image_column]
-            image = data.apply_view(image, data.draw_view(rng, image.size, args.center_crop, args.random_flip),
-                                    args.resolution)
-            inputs = {"pixel_values": data.to_movq_input(image),
-                      "clip_pixel_values": data.clip_input(c.image_processor, image)}
+            view = data.draw_view(rng, image.size, not args.random_crop, args.random_flip)
+            pixel_values, clip_pixel_values = data.view_inputs(c.image_processor, image, view, args.resolution)
+            inputs = {"pixel_values": pixel_values, "clip_pixel_values": clip_pixel_values}
         noise = rng.standard_normal(latent_shape, dtype="float32")
         if args.noise_offset:
             noise += args.noise_offset * rng.standard_normal((latent_shape[0], 1, 1), dtype="float32")

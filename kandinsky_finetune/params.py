@@ -17,8 +17,18 @@ class UsageError(Exception):
     """A problem with the user's input: printed as one line, exit status 2, before any training."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless there is none to show (unset, or a switch that is off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(description, lora=False):
-    p = argparse.ArgumentParser(description=description)
+    # No abbreviations: a mistyped flag (--max_train_step) must be an error, not silently taken for another.
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--pretrained_decoder_model_name_or_path", default=DEFAULT_DECODER,
       help="Decoder repo (hub id or local folder with unet/, movq/, scheduler/).")
@@ -33,7 +43,8 @@ def build_parser(description, lora=False):
     a("--image_column", default="image", help="The dataset column holding the images.")
     a("--max_train_samples", type=int, default=None,
       help="Train on this many samples only (taken after a seeded shuffle), for debugging or quick runs.")
-    a("--output_dir", default="kandi_2_2-model-finetuned", help="Where the trained model and checkpoints are written.")
+    a("--output_dir", default="kandi_2_2-model-finetuned" + ("-lora" if lora else ""),  # the references' defaults
+      help="Where the trained model and checkpoints are written.")
     a("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
     a("--seed", type=int, default=None,
       help="Seed for shuffling, noise and timesteps (a random one is drawn and recorded in checkpoints if unset).")
@@ -41,14 +52,14 @@ def build_parser(description, lora=False):
       help="Image side in pixels: training images for the decoder, and the size of the validation images that "
            "--validation_prompt(s) generate in all scripts. Must be a multiple of the MoVQ downscale factor (8).")
     a("--train_batch_size", type=int, default=1, help="Batch size per device.")
-    a("--num_train_epochs", type=int, default=100)
+    a("--num_train_epochs", type=int, default=100, help="Passes over the dataset (unless --max_train_steps is set).")
     a("--max_train_steps", type=int, default=None,
       help="Total optimizer steps; overrides --num_train_epochs when set.")
     a("--gradient_accumulation_steps", type=int, default=1,
       help="Micro-batches accumulated per optimizer step (gradients are synchronised once per step).")
     a("--gradient_checkpointing", action="store_true",
       help="Recompute activations in backward to save memory (slower).")
-    a("--learning_rate", type=float, default=1e-4)
+    a("--learning_rate", type=float, default=1e-4, help="Peak learning rate of AdamW (reached after the warm-up).")
     a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule over optimizer steps.")
     a("--lr_warmup_steps", type=int, default=500, help="Warm-up length in optimizer steps.")
     a("--snr_gamma", type=float, default=None,
@@ -60,10 +71,11 @@ def build_parser(description, lora=False):
            "disk in the datasets cache; later steps, epochs and runs with the same models, data and preprocessing "
            "reuse them instead of re-encoding every step.")
     a("--dataloader_num_workers", type=int, default=0, help="Data-loading worker processes (0 = in the main process).")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.0)
-    a("--adam_epsilon", type=float, default=1e-8)
+    a("--adam_beta1", type=float, default=0.9, help="AdamW's decay rate of the first moment (the gradients' mean).")
+    a("--adam_beta2", type=float, default=0.999,
+      help="AdamW's decay rate of the second moment (the squared gradients' mean).")
+    a("--adam_weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay.")
+    a("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon, added to the denominator for stability.")
     a("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 disables clipping).")
     a("--push_to_hub", action="store_true", help="Upload output_dir (without checkpoints) to the Hugging Face Hub.")
     a("--hub_token", default=None, help="Token for --push_to_hub (default: the one saved by `huggingface-cli login`).")
@@ -86,6 +98,9 @@ def build_parser(description, lora=False):
            "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")
     a("--resume_from_checkpoint", default=None,
       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
+    a("--num_inference_steps", type=int, default=30 if lora else 20,
+      help="Denoising steps of the prior and of the decoder for each validation image: the references' 20 in the full "
+           "scripts, 30 in the LoRA scripts (fewer make validation cheaper).")
     if lora:
         a("--lora_rank", "--rank", dest="lora_rank", type=int, default=4, help="Rank of the LoRA update matrices.")
         a("--validation_prompt", default=None, help="Prompt that validation images are generated from.")
@@ -109,8 +124,13 @@ def add_decoder_args(p):
                    help="Use memory-efficient attention kernels (GPU only).")
     p.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel offset noise (0 = off).")
     p.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
-    p.add_argument("--center_crop", action="store_true",
-                   help="Crop the centre of each image to a square; by default the square is cropped at random.")
+    crop = p.add_mutually_exclusive_group()
+    crop.add_argument("--random_crop", action="store_true",
+                      help="Crop the square from a random place of each image (an augmentation for non-square images; "
+                           "with --cache_encoder_outputs such images are then trained without the cache).")
+    crop.add_argument("--center_crop", action="store_true",
+                      help="Crop the centre of each image to a square, as the references do. This is the default: the "
+                           "flag is kept so their commands run.")
 
 
 def parse(parser, argv=None):
@@ -127,7 +147,7 @@ def check(args):
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise UsageError("give either --dataset_name or --train_data_dir, not both")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "validation_epochs", "resolution"):
+                 "validation_epochs", "resolution", "num_inference_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):

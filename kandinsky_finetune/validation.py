@@ -5,8 +5,9 @@ import warnings
 import paddle
 
 
-def generate(pipe, prompts, num_images_per_prompt, resolution, seed, output_dir, step, tracker):
-    """Run `pipe` on each prompt with a fixed generator; write output_dir/validation/step-<N>/<k>.png."""
+def generate(pipe, prompts, num_images_per_prompt, resolution, steps, seed, output_dir, step, tracker):
+    """Run `pipe` (a KandinskyV22CombinedPipeline) on each prompt with a fixed generator, `steps` denoising steps in
+    both its prior and its decoder; write output_dir/validation/step-<N>/<k>.png."""
     pipe.set_progress_bar_config(disable=True)
     generator = paddle.Generator().manual_seed(seed)
     images = []
@@ -15,7 +16,7 @@ def generate(pipe, prompts, num_images_per_prompt, resolution, seed, output_dir,
         warnings.filterwarnings("ignore", message="`callback_steps` is deprecated", category=FutureWarning)
         for prompt in prompts:
             images += pipe(prompt, num_images_per_prompt=num_images_per_prompt, height=resolution, width=resolution,
-                           generator=generator).images
+                           num_inference_steps=steps, prior_num_inference_steps=steps, generator=generator).images
     folder = os.path.join(output_dir, "validation", f"step-{step}")
     os.makedirs(folder, exist_ok=True)
     for k, image in enumerate(images):
@@ -36,8 +37,8 @@ def run(pipe, trained_models, args, seed, step, tracker, log):
     for m in trained_models:
         m.eval()
     try:
-        folder = generate(pipe, prompts(args), getattr(args, "num_validation_images", 1), args.resolution, seed,
-                          args.output_dir, step, tracker)
+        folder = generate(pipe, prompts(args), getattr(args, "num_validation_images", 1), args.resolution,
+                          args.num_inference_steps, seed, args.output_dir, step, tracker)
     finally:
         for m in trained_models:
             m.train()

@@ -37,7 +37,7 @@ def test_cached_training_equals_uncached(tiny, tmp_path, script, model, extra):
 
 def test_cache_is_rebuilt_when_models_or_preprocessing_change(tiny, tmp_path):
     env = {"HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    args = ["--cache_encoder_outputs", "--center_crop", "--max_train_steps", 1]
+    args = ["--cache_encoder_outputs", "--max_train_steps", 1]  # the default centre crop of non-square images caches
     first = run_script("train_text_to_image_decoder.py", *model_args(tiny, tmp_path / "a", *args), env=env)
     assert "encoded 8 samples" in first.stderr
     # another resolution: other latents
@@ -55,7 +55,7 @@ def test_cache_is_rebuilt_when_models_or_preprocessing_change(tiny, tmp_path):
 
 def test_random_crop_of_non_square_images_trains_uncached_with_a_warning(tiny, tmp_path):
     proc = run_script("train_text_to_image_decoder.py", *model_args(
-        tiny, tmp_path / "out", "--cache_encoder_outputs", "--max_train_steps", 1),
+        tiny, tmp_path / "out", "--cache_encoder_outputs", "--random_crop", "--max_train_steps", 1),
         env={"HF_DATASETS_CACHE": str(tmp_path / "hf")})
     warnings = [line for line in proc.stderr.splitlines() if "cannot be cached exactly" in line]
     assert len(warnings) == 1 and "training without the cache" in warnings[0]

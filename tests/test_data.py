@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import ROOT, logged, model_args, run, state_dict_of
 from kandinsky_finetune import decoder, prior
-from kandinsky_finetune.data import (ShardedBatchSampler, apply_view, clip_input, pick_caption, sample_rng,
+from kandinsky_finetune.data import (ShardedBatchSampler, apply_view, clip_input, draw_view, pick_caption, sample_rng,
                                      to_movq_input)
 
 
@@ -116,7 +116,7 @@ def fake_components(tiny):
 
 def test_training_samples_are_rgb_for_any_mode(tiny):
     c = fake_components(tiny)
-    args = SimpleNamespace(image_column="image", caption_column="text", resolution=64, center_crop=True,
+    args = SimpleNamespace(image_column="image", caption_column="text", resolution=64, random_crop=False,
                            random_flip=False, noise_offset=0.0)
     make_prior, make_decoder = prior.sample_maker(args, c), decoder.sample_maker(args, c)
     rgb = picture()
@@ -129,6 +129,48 @@ def test_training_samples_are_rgb_for_any_mode(tiny):
         sample = make_decoder(example, sample_rng(0, 0, 0), 0)
         assert sample["pixel_values"].shape == (3, 64, 64), mode  # MoVQ input
         assert sample["clip_pixel_values"].shape == (3, 32, 32), mode
+
+
+def test_decoder_crops_the_centre_unless_random_crop(tiny, tmp_path):
+    """The references' centre crop is the default; --random_crop draws the square's place; not both."""
+    import train_text_to_image_decoder
+
+    c = fake_components(tiny)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 160, 3), dtype=np.uint8))  # 129 squares
+    centre = to_movq_input(apply_view(image, (64, 0, 32, False), 32))
+
+    def movq_inputs(*flags):
+        make = decoder.sample_maker(train_text_to_image_decoder.parse_args(
+            ["--train_data_dir", str(tmp_path), "--resolution", "32", *flags]), c)
+        return [make({"image": image}, sample_rng(0, 0, row), row)["pixel_values"] for row in range(4)]
+
+    for flags in [], ["--center_crop"]:
+        assert all(np.array_equal(x, centre) for x in movq_inputs(*flags)), flags
+    assert not any(np.array_equal(x, centre) for x in movq_inputs("--random_crop"))
+    with pytest.raises(SystemExit) as e:
+        train_text_to_image_decoder.parse_args(["--train_data_dir", str(tmp_path), "--random_crop", "--center_crop"])
+    assert e.value.code == 2
+
+
+def test_decoder_clip_input_is_the_crop_before_resizing(tiny):
+    """MoVQ gets the crop resized to --resolution, the CLIP image processor the (flipped) crop at full quality."""
+    c = fake_components(tiny)
+    args = SimpleNamespace(image_column="image", resolution=8, random_crop=True, random_flip=True, noise_offset=0.0)
+    make = decoder.sample_maker(args, c)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    flips = set()
+    for row in range(8):
+        view = draw_view(sample_rng(0, 0, row), image.size, center=False, flip=True)  # the view make() draws
+        flips.add(view[3])
+        sample = make({"image": image}, sample_rng(0, 0, row), row)
+        left, top, side, flipped = view
+        crop = image.crop((left, top, left + side, top + side))
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flipped else crop
+        np.testing.assert_array_equal(sample["pixel_values"], to_movq_input(apply_view(image, view, 8)))
+        np.testing.assert_array_equal(sample["clip_pixel_values"], clip_input(c.image_processor, crop))
+        resized = clip_input(c.image_processor, apply_view(image, view, 8))
+        assert np.abs(sample["clip_pixel_values"] - resized).max() > 0.1  # not the 8-pixel image, upscaled
+    assert flips == {False, True}
 
 
 def dataset_in_modes(tiny, folder):

@@ -69,7 +69,7 @@ def user_folder(tiny, tmp_path_factory):
             os.symlink(ROOT / name, folder / name)
     shutil.copytree(tiny.prior, folder / "kandinsky-community" / "kandinsky-2-2-prior")
     shutil.copytree(tiny.decoder, folder / "kandinsky-community" / "kandinsky-2-2-decoder")
-    shutil.copytree(tiny.data, folder / "lambdalabs" / "pokemon-blip-captions")
+    shutil.copytree(tiny.data, folder / "lambdalabs" / "naruto-blip-captions")
     shutil.copytree(tiny.data, folder / "path_to_your_dataset")
     return folder
 
@@ -96,7 +96,14 @@ def test_readme_blocks_run_as_written(user_folder):
         if reason is None:
             run_block(user_folder, language, code, f"block{k:02d}_line{line}")
     assert os.path.isfile(user_folder / "demo_output" / "demo.png")
-    assert os.path.isfile(user_folder / "robot-pokemon-both.png")
+    assert os.path.isfile(user_folder / "robot-naruto-both.png")
+
+
+def test_readme_commands_use_a_dataset_that_exists():
+    """lambdalabs/pokemon-blip-captions, the references' dataset, was taken down: no block may use it."""
+    for readme in "README.md", "README_EN.md":
+        used = [line for _, code, _, line in code_blocks(readme) if "pokemon-blip-captions" in code]
+        assert not used, f"{readme}: blocks at lines {used} use the removed dataset"
 
 
 def test_ci_runs_the_readme_test_command():
