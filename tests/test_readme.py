@@ -96,6 +96,9 @@ def test_readme_blocks_run_as_written(user_folder):
         if reason is None:
             run_block(user_folder, language, code, f"block{k:02d}_line{line}")
     assert os.path.isfile(user_folder / "demo_output" / "demo.png")
+    # the multi-process command keeps the launcher's logs under its output folder, not in ./log
+    assert os.path.isfile(user_folder / "kandi2-prior-2proc" / "logs" / "launcher" / "workerlog.1")
+    assert not os.path.exists(user_folder / "log")
     assert os.path.isfile(user_folder / "robot-naruto-both.png")
 
 
