@@ -42,6 +42,19 @@ def case_unreadable_image(tiny, tmp_path):
     return ["--train_data_dir", data], "unreadable image"
 
 
+def case_image_without_row(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:5] + lines[6:]) + "\n")  # 005.png keeps its file
+    return ["--train_data_dir", data], "image at 005.png doesn't have metadata in"
+
+
+def case_row_without_image(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    (data / "005.png").unlink()  # its row stays
+    return ["--train_data_dir", data], "metadata.jsonl, line 6: image file 005.png does not exist in"
+
+
 def case_model_without_subfolders(tiny, tmp_path):
     fake = tmp_path / "fake_repo"
     shutil.copytree(os.path.join(tiny.decoder, "unet"), fake / "unet")
@@ -55,7 +68,7 @@ def case_output_dir_is_file(tiny, tmp_path):
 
 
 CASES = [case_missing_dir, case_empty_dir, case_missing_hub_dataset, case_wrong_image_column, case_unreadable_image,
-         case_model_without_subfolders, case_output_dir_is_file]
+         case_image_without_row, case_row_without_image, case_model_without_subfolders, case_output_dir_is_file]
 
 
 def with_overrides(args, overrides):
@@ -119,6 +132,20 @@ def test_cli_prints_one_error_line_and_exits_2(tiny, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset ")
+
+
+@pytest.mark.parametrize("case,script", [(case_image_without_row, "train_text_to_image_prior.py"),
+                                         (case_row_without_image, "train_text_to_image_decoder.py")],
+                         ids=["image_without_row", "row_without_image"])
+def test_image_and_metadata_out_of_step_is_one_error_line_naming_the_file(tiny, tmp_path, case, script):
+    # datasets reports the first as "An error occurred while generating the dataset", and drops the second's row
+    overrides, expected = case(tiny, tmp_path)
+    proc = run([sys.executable, str(ROOT / script), *with_overrides(model_args(tiny, tmp_path / "out"), overrides)],
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last and "005.png" in last
+    assert not (tmp_path / "out").exists()
 
 
 def test_8bit_adam_is_refused_with_a_reason(tiny, tmp_path):
