@@ -10,7 +10,9 @@ import train_text_to_image_decoder_lora
 import train_text_to_image_prior
 import train_text_to_image_prior_lora
 from conftest import ROOT, model_args, run
+from kandinsky_finetune import models
 from kandinsky_finetune.params import UsageError
+from kandinsky_finetune.tiny_models import build_tiny_kandinsky
 
 
 def copy_dataset(tiny, tmp_path):
@@ -124,6 +126,56 @@ def test_resolution_not_multiple_of_movq_factor(tiny, tmp_path, decoder_script, 
         prior_script.main(with_overrides(model_args(tiny, tmp_path / "out"),
                                          ["--resolution", 60, prompt_flag, "a cat"]))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def other_decoder(tmp_path_factory):
+    """A decoder whose UNet takes 48-dim image embeddings; the tiny prior makes 32-dim ones."""
+    return build_tiny_kandinsky(str(tmp_path_factory.mktemp("other")), embed_dim=48)[1]
+
+
+def mismatch_error(tiny, decoder_repo):
+    return (f"the prior and the decoder do not belong together: --pretrained_prior_model_name_or_path {tiny.prior} "
+            f"makes 32-dim image embeddings (image_encoder projection_dim), the UNet of "
+            f"--pretrained_decoder_model_name_or_path {decoder_repo} takes 48-dim ones (unet encoder_hid_dim)")
+
+
+class WeightsLoaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script,extra", [
+    (train_text_to_image_decoder, []), (train_text_to_image_decoder_lora, []),
+    (train_text_to_image_prior, ["--validation_prompts", "a cat"]),  # validation turns the prior's output into images
+    (train_text_to_image_prior_lora, ["--validation_prompt", "a cat"]),
+    (train_text_to_image_prior, []),  # no validation: the decoder is not used
+], ids=["decoder", "decoder_lora", "prior", "prior_lora", "prior_without_validation"])
+def test_a_prior_and_a_decoder_that_do_not_belong_together(tiny, tmp_path, other_decoder, monkeypatch, script, extra):
+    def load(*args, **kwargs):
+        raise WeightsLoaded
+
+    monkeypatch.setattr(models, "load", load)
+    args = with_overrides(model_args(tiny, tmp_path / "out", *extra),
+                          ["--pretrained_decoder_model_name_or_path", other_decoder])
+    if not extra and script is train_text_to_image_prior:
+        with pytest.raises(WeightsLoaded):
+            script.main(args)
+        return
+    with pytest.raises(UsageError) as error:  # from the config files, before any weights load
+        script.main(args)
+    assert str(error.value) == mismatch_error(tiny, other_decoder)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script,extra", [("train_text_to_image_decoder.py", []),
+                                          ("train_text_to_image_prior.py", ["--validation_prompts", "a cat"])],
+                         ids=["decoder", "prior"])
+def test_a_mismatched_pair_is_one_error_line(tiny, tmp_path, other_decoder, script, extra):
+    args = with_overrides(model_args(tiny, tmp_path / "out", *extra),
+                          ["--pretrained_decoder_model_name_or_path", other_decoder])
+    proc = run([sys.executable, str(ROOT / script), *args], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + mismatch_error(tiny, other_decoder)
 
 
 def test_cli_prints_one_error_line_and_exits_2(tiny, tmp_path):
