@@ -8,6 +8,7 @@ uninterrupted one would have.
 """
 import functools
 import io
+import json
 import os
 
 import numpy as np
@@ -28,12 +29,16 @@ def load_train_dataset(args, seed, columns):
     source = args.train_data_dir or args.dataset_name
     try:
         if args.train_data_dir is not None:
-            ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+            ds = load_image_folder(args.train_data_dir, args.cache_dir)
         elif _is_saved_dataset(args.dataset_name):
             ds = datasets.load_from_disk(args.dataset_name)
         else:
             ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    except UsageError:
+        raise
     except Exception as e:  # datasets raises many types; the user needs the first line of the reason
+        if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None:
+            e = e.__cause__  # "An error occurred while generating the dataset" says nothing; its cause does
         raise UsageError(f"cannot load dataset {source!r}: {_first_line(e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
@@ -52,6 +57,71 @@ def load_train_dataset(args, seed, columns):
     for column in columns[1:]:
         check_captions(ds, column, source)
     return ds
+
+
+def load_image_folder(folder, cache_dir):
+    """`load_dataset("imagefolder", data_dir=folder)`, with its metadata files read by `read_metadata` and checked
+    by `check_metadata_rows` (every time: a dataset already in the cache may have been built without the check). The
+    builder is imagefolder's own, so its cache and fingerprints (which follow the files' modification times) are
+    those of `load_dataset`."""
+    import datasets
+
+    builder = datasets.load_dataset_builder("imagefolder", data_dir=folder, cache_dir=cache_dir)
+    tables = {}
+
+    def read_once(path, metadata_ext=""):  # (imagefolder reads a metadata file again for every folder of images)
+        if path not in tables:
+            tables[path] = read_metadata(path, metadata_ext, builder._read_metadata)
+        return tables[path][0]
+
+    for path in sorted({f for files in builder.config.data_files.values() for f in files
+                        if os.path.basename(f) in builder.METADATA_FILENAMES}):
+        read_once(path, os.path.splitext(path)[1])
+        check_metadata_rows(path, *tables[path], builder.EXTENSIONS)
+    builder._read_metadata = read_once
+    builder.download_and_prepare()
+    return builder.as_dataset()
+
+
+def read_metadata(path, metadata_ext, read):
+    """An imagefolder metadata file as (pyarrow table, where each row is in the file, for messages). A
+    metadata.jsonl is parsed here, not by pyarrow's reader, which refuses a column holding both strings and lists:
+    in such a column a string becomes a list of one. Other files are left to imagefolder's `read`."""
+    import pyarrow.json
+
+    if metadata_ext != ".jsonl":
+        table = read(path, metadata_ext=metadata_ext)
+        return table, [f"row {i + 1}" for i in range(len(table))]
+    lines, rows = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"{path}, line {n} is not JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}, line {n} is not a JSON object (one {{\"file_name\": ..., ...}} per line)")
+            lines.append(n)
+            rows.append(row)
+    listed = {key for row in rows for key, value in row.items() if isinstance(value, list)}
+    rows = [{k: [v] if k in listed and isinstance(v, str) else v for k, v in row.items()} for row in rows]
+    table = pyarrow.json.read_json(io.BytesIO("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    return table, [f"line {n}" for n in lines]
+
+
+def check_metadata_rows(path, table, places, extensions):
+    """Every row of a metadata file names an image file that exists: imagefolder would drop the row without a word."""
+    names = table.column("file_name").to_pylist() if "file_name" in table.column_names else [None] * len(table)
+    folder = os.path.dirname(path)
+    for place, name in zip(places, names):
+        if not isinstance(name, str):
+            raise UsageError(f"{path}, {place}: no \"file_name\" (the image file the row describes)")
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UsageError(f"{path}, {place}: image file {name} does not exist in {folder}; add it or remove the row")
+        if os.path.splitext(name)[1].lower() not in extensions:
+            raise UsageError(f"{path}, {place}: {name} is not an image file (not a file type imagefolder reads)")
 
 
 def check_captions(ds, column, source):

@@ -12,8 +12,7 @@ import numpy as np
 import paddle
 
 from . import data, models, training
-
-PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
+from .models import DECODER_FLAG, PRIOR_FLAG
 
 
 ENCODERS = ("image_encoder", "movq")
@@ -31,6 +30,7 @@ def load_components(args, precision):
     decoder_repo, prior_repo = args.pretrained_decoder_model_name_or_path, args.pretrained_prior_model_name_or_path
     models.check_repo(decoder_repo, models.DECODER_SUBFOLDERS, DECODER_FLAG)
     models.check_repo(prior_repo, models.PRIOR_SUBFOLDERS, PRIOR_FLAG)
+    models.check_pair(prior_repo, decoder_repo, args.cache_dir)
     load = lambda cls, sub: models.load(cls, decoder_repo, sub, DECODER_FLAG, args.cache_dir)  # noqa: E731
     load_prior = lambda cls, sub: models.load(cls, prior_repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731
 

@@ -14,6 +14,7 @@ from .params import UsageError
 
 PRIOR_SUBFOLDERS = ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")
 DECODER_SUBFOLDERS = ("unet", "movq", "scheduler")
+PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
 
 
 def check_repo(path, subfolders, flag):
@@ -231,16 +232,42 @@ def movq_downscale_factor(movq):
     return 2 ** (len(movq.config.block_out_channels) - 1)
 
 
+def config_of(cls, repo, subfolder, flag, cache_dir=None):
+    """The config of model class `cls` in `repo`/`subfolder` as a dict, read from the config file alone (no weights)."""
+    try:
+        if hasattr(cls, "load_config"):  # ppdiffusers models
+            return dict(cls.load_config(repo, subfolder=subfolder, cache_dir=cache_dir))
+        return cls.config_class.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir).to_dict()
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"cannot load {subfolder} of {flag} {repo}: {type(e).__name__}: {reason}") from None
+
+
 def movq_downscale_factor_of_repo(repo, flag, cache_dir=None):
     """The factor from the decoder repo's movq/config.json, without loading the weights."""
     from ppdiffusers import VQModel
 
-    try:
-        config = VQModel.load_config(repo, subfolder="movq", cache_dir=cache_dir)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"cannot load movq of {flag} {repo}: {type(e).__name__}: {reason}") from None
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return 2 ** (len(config_of(VQModel, repo, "movq", flag, cache_dir)["block_out_channels"]) - 1)
+
+
+def check_pair(prior_repo, decoder_repo, cache_dir=None):
+    """The prior's image embeddings (its CLIP image encoder's projection_dim, the prior's embedding_dim) must have
+    the size the decoder's UNet takes (encoder_hid_dim), e.g. not a Kandinsky 2.1 prior (768) with the 2.2 decoder
+    (1280). Read from the config files, so a mismatch stops the run before any weights load, not at its first
+    step inside the UNet."""
+    from ppdiffusers import PriorTransformer, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPVisionModelWithProjection
+
+    takes = config_of(UNet2DConditionModel, decoder_repo, "unet", DECODER_FLAG, cache_dir).get("encoder_hid_dim")
+    sizes = [(config_of(CLIPVisionModelWithProjection, prior_repo, "image_encoder", PRIOR_FLAG, cache_dir)
+              .get("projection_dim"), "image_encoder projection_dim"),
+             (config_of(PriorTransformer, prior_repo, "prior", PRIOR_FLAG, cache_dir).get("embedding_dim"),
+              "prior embedding_dim")]
+    for size, where in sizes:
+        if size != takes:
+            raise UsageError(f"the prior and the decoder do not belong together: {PRIOR_FLAG} {prior_repo} makes "
+                             f"{size}-dim image embeddings ({where}), the UNet of {DECODER_FLAG} {decoder_repo} "
+                             f"takes {takes}-dim ones (unet encoder_hid_dim)")
 
 
 def check_resolution(resolution, factor, what):

@@ -13,8 +13,7 @@ import numpy as np
 import paddle
 
 from . import data, models, training
-
-PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
+from .models import DECODER_FLAG, PRIOR_FLAG
 
 
 ENCODERS = ("image_encoder", "text_encoder")
@@ -33,6 +32,7 @@ def load_components(args, precision, needs_decoder):
     models.check_repo(repo, models.PRIOR_SUBFOLDERS, PRIOR_FLAG)
     if needs_decoder:  # the decoder only turns validation embeddings into images
         models.check_repo(decoder_repo, models.DECODER_SUBFOLDERS, DECODER_FLAG)
+        models.check_pair(repo, decoder_repo, args.cache_dir)
         models.check_resolution(args.resolution, models.movq_downscale_factor_of_repo(
             decoder_repo, DECODER_FLAG, args.cache_dir), "validation images")
     load = lambda cls, sub: models.load(cls, repo, sub, PRIOR_FLAG, args.cache_dir)  # noqa: E731

@@ -10,7 +10,9 @@ import train_text_to_image_decoder_lora
 import train_text_to_image_prior
 import train_text_to_image_prior_lora
 from conftest import ROOT, model_args, run
+from kandinsky_finetune import models
 from kandinsky_finetune.params import UsageError
+from kandinsky_finetune.tiny_models import build_tiny_kandinsky
 
 
 def copy_dataset(tiny, tmp_path):
@@ -42,6 +44,19 @@ def case_unreadable_image(tiny, tmp_path):
     return ["--train_data_dir", data], "unreadable image"
 
 
+def case_image_without_row(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:5] + lines[6:]) + "\n")  # 005.png keeps its file
+    return ["--train_data_dir", data], "image at 005.png doesn't have metadata in"
+
+
+def case_row_without_image(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    (data / "005.png").unlink()  # its row stays
+    return ["--train_data_dir", data], "metadata.jsonl, line 6: image file 005.png does not exist in"
+
+
 def case_model_without_subfolders(tiny, tmp_path):
     fake = tmp_path / "fake_repo"
     shutil.copytree(os.path.join(tiny.decoder, "unet"), fake / "unet")
@@ -55,7 +70,7 @@ def case_output_dir_is_file(tiny, tmp_path):
 
 
 CASES = [case_missing_dir, case_empty_dir, case_missing_hub_dataset, case_wrong_image_column, case_unreadable_image,
-         case_model_without_subfolders, case_output_dir_is_file]
+         case_image_without_row, case_row_without_image, case_model_without_subfolders, case_output_dir_is_file]
 
 
 def with_overrides(args, overrides):
@@ -113,12 +128,76 @@ def test_resolution_not_multiple_of_movq_factor(tiny, tmp_path, decoder_script, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def other_decoder(tmp_path_factory):
+    """A decoder whose UNet takes 48-dim image embeddings; the tiny prior makes 32-dim ones."""
+    return build_tiny_kandinsky(str(tmp_path_factory.mktemp("other")), embed_dim=48)[1]
+
+
+def mismatch_error(tiny, decoder_repo):
+    return (f"the prior and the decoder do not belong together: --pretrained_prior_model_name_or_path {tiny.prior} "
+            f"makes 32-dim image embeddings (image_encoder projection_dim), the UNet of "
+            f"--pretrained_decoder_model_name_or_path {decoder_repo} takes 48-dim ones (unet encoder_hid_dim)")
+
+
+class WeightsLoaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script,extra", [
+    (train_text_to_image_decoder, []), (train_text_to_image_decoder_lora, []),
+    (train_text_to_image_prior, ["--validation_prompts", "a cat"]),  # validation turns the prior's output into images
+    (train_text_to_image_prior_lora, ["--validation_prompt", "a cat"]),
+    (train_text_to_image_prior, []),  # no validation: the decoder is not used
+], ids=["decoder", "decoder_lora", "prior", "prior_lora", "prior_without_validation"])
+def test_a_prior_and_a_decoder_that_do_not_belong_together(tiny, tmp_path, other_decoder, monkeypatch, script, extra):
+    def load(*args, **kwargs):
+        raise WeightsLoaded
+
+    monkeypatch.setattr(models, "load", load)
+    args = with_overrides(model_args(tiny, tmp_path / "out", *extra),
+                          ["--pretrained_decoder_model_name_or_path", other_decoder])
+    if not extra and script is train_text_to_image_prior:
+        with pytest.raises(WeightsLoaded):
+            script.main(args)
+        return
+    with pytest.raises(UsageError) as error:  # from the config files, before any weights load
+        script.main(args)
+    assert str(error.value) == mismatch_error(tiny, other_decoder)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script,extra", [("train_text_to_image_decoder.py", []),
+                                          ("train_text_to_image_prior.py", ["--validation_prompts", "a cat"])],
+                         ids=["decoder", "prior"])
+def test_a_mismatched_pair_is_one_error_line(tiny, tmp_path, other_decoder, script, extra):
+    args = with_overrides(model_args(tiny, tmp_path / "out", *extra),
+                          ["--pretrained_decoder_model_name_or_path", other_decoder])
+    proc = run([sys.executable, str(ROOT / script), *args], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + mismatch_error(tiny, other_decoder)
+
+
 def test_cli_prints_one_error_line_and_exits_2(tiny, tmp_path):
     proc = run([sys.executable, str(ROOT / "train_text_to_image_decoder.py"),
                 *with_overrides(model_args(tiny, tmp_path / "out"), ["--image_column", "picture"])], check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset ")
+
+
+@pytest.mark.parametrize("case,script", [(case_image_without_row, "train_text_to_image_prior.py"),
+                                         (case_row_without_image, "train_text_to_image_decoder.py")],
+                         ids=["image_without_row", "row_without_image"])
+def test_image_and_metadata_out_of_step_is_one_error_line_naming_the_file(tiny, tmp_path, case, script):
+    # datasets reports the first as "An error occurred while generating the dataset", and drops the second's row
+    overrides, expected = case(tiny, tmp_path)
+    proc = run([sys.executable, str(ROOT / script), *with_overrides(model_args(tiny, tmp_path / "out"), overrides)],
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last and "005.png" in last
+    assert not (tmp_path / "out").exists()
 
 
 def test_8bit_adam_is_refused_with_a_reason(tiny, tmp_path):

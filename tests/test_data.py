@@ -1,10 +1,11 @@
 """The sampler shards and reshuffles per epoch, resumes mid-epoch, and a sample's random draws depend only
 on (seed, epoch, row), never on batching. Images in any mode (grey, with alpha, palette, CMYK JPEG) become RGB
-for the MoVQ and CLIP encoders, and a dataset of such images trains."""
+for the MoVQ and CLIP encoders, and a dataset of such images trains. A caption column may mix strings and lists."""
 import io
 import json
 import math
 import os
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -14,8 +15,8 @@ from PIL import Image
 
 from conftest import ROOT, logged, model_args, run, state_dict_of
 from kandinsky_finetune import decoder, prior
-from kandinsky_finetune.data import (ShardedBatchSampler, apply_view, clip_input, draw_view, pick_caption, sample_rng,
-                                     to_movq_input)
+from kandinsky_finetune.data import (ShardedBatchSampler, apply_view, clip_input, draw_view, load_train_dataset,
+                                     pick_caption, sample_rng, to_movq_input)
 
 
 def epoch_rows(sampler, epoch, skip=0):
@@ -204,3 +205,48 @@ def test_a_dataset_of_grey_alpha_palette_and_cmyk_images_trains(tiny, tmp_path, 
     losses = logged(out)
     assert len(losses) == 1 and math.isfinite(losses[0])
     assert all(np.isfinite(v).all() for v in state_dict_of(out / model).values())
+
+
+# ---------------------------------------------------------------- captions: strings and lists in one column
+def with_string_captions(tiny, folder):
+    """The tiny dataset (a list of captions in every row) with its lists of one written as plain strings."""
+    shutil.copytree(tiny.data, folder)
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "text": row["text"][0] if len(row["text"]) == 1 else row["text"]}) + "\n")
+    assert {type(row["text"]) for row in map(json.loads, open(folder / "metadata.jsonl"))} == {str, list}
+    return folder
+
+
+def load_folder(folder, cache_dir):
+    args = SimpleNamespace(train_data_dir=str(folder), dataset_name=None, dataset_config_name=None,
+                           cache_dir=str(cache_dir), image_column="image", max_train_samples=None)
+    return load_train_dataset(args, 0, ["image", "text"])
+
+
+def test_a_string_caption_beside_lists_is_a_list_of_one(tiny, tmp_path):
+    mixed = load_folder(with_string_captions(tiny, tmp_path / "mixed"), tmp_path / "hf")
+    # the same cells as the all-lists original, so the same caption picks
+    assert mixed["text"] == load_folder(tiny.data, tmp_path / "hf")["text"]
+    # the fingerprint (the --cache_encoder_outputs key) is stable, and follows the metadata and the images
+    fingerprint = mixed._fingerprint
+    assert load_folder(tmp_path / "mixed", tmp_path / "hf")._fingerprint == fingerprint
+    metadata = tmp_path / "mixed" / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("a red picture", "a crimson picture"))
+    recaptioned = load_folder(tmp_path / "mixed", tmp_path / "hf")
+    assert recaptioned._fingerprint != fingerprint and ["a crimson picture"] in recaptioned["text"]
+    image = tmp_path / "mixed" / "004.png"
+    picture().save(image)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10 ** 9))  # a coarse clock still moves
+    assert load_folder(tmp_path / "mixed", tmp_path / "hf")._fingerprint not in (fingerprint, recaptioned._fingerprint)
+
+
+def test_a_dataset_mixing_string_and_list_captions_trains(tiny, tmp_path):
+    data = with_string_captions(tiny, tmp_path / "data")
+    out = tmp_path / "out"
+    args = model_args(tiny, out, "--max_train_steps", 2, "--train_batch_size", 4, "--cache_dir", tmp_path / "hf")
+    args[args.index("--train_data_dir") + 1] = str(data)
+    run([sys.executable, "-u", str(ROOT / "train_text_to_image_prior.py"), *args], timeout=300)
+    losses = logged(out)
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
