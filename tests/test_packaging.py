@@ -8,10 +8,17 @@ from conftest import ROOT, run
 
 
 def test_the_package_installs_and_runs_from_any_folder(tmp_path):
-    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    import shutil
+
+    # built from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds
+    source, target, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
+    source.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", source)
+    shutil.copytree(ROOT / "kandinsky_finetune", source / "kandinsky_finetune",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-         str(target), str(ROOT)])
+         str(target), str(source)])
     proc = run([sys.executable, "-m", "kandinsky_finetune.tiny_models", "repos"], cwd=elsewhere,
                env={"PYTHONPATH": str(target)})
     assert "tiny prior repo: repos/prior" in proc.stdout
