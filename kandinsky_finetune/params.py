@@ -125,10 +125,11 @@ def add_decoder_args(p):
     p.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel offset noise (0 = off).")
     p.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
     crop = p.add_mutually_exclusive_group()
-    crop.add_argument("--random_crop", action="store_true",
+    # one setting, two spellings: --center_crop (the references') states the default explicitly
+    crop.add_argument("--random_crop", dest="random_crop", action="store_const", const=True, default=False,
                       help="Crop the square from a random place of each image (an augmentation for non-square images; "
                            "with --cache_encoder_outputs such images are then trained without the cache).")
-    crop.add_argument("--center_crop", action="store_true",
+    crop.add_argument("--center_crop", dest="random_crop", action="store_const", const=False,
                       help="Crop the centre of each image to a square, as the references do. This is the default: the "
                            "flag is kept so their commands run.")
 
