@@ -394,6 +394,7 @@ class Loop:
         finally:
             self._close()
         distributed.barrier(self.ctx)
+        distributed.leave(self.ctx)
         self.log(self.clock.summary())
 
 
