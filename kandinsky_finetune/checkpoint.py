@@ -238,7 +238,7 @@ def write_state(state, folder):
     """The training state: its tensors (AdamW's moments, EMA weights: 12 bytes per trained parameter) streamed to
     STATE_TENSORS, the rest pickled to STATE_FILE. paddle.save of the whole state would hold a host copy of every
     tensor until the file is complete (its pickler keeps them), twice the optimizer's memory at real size."""
-    from .models import write_safetensors
+    from .tensor_files import write_safetensors
 
     tensors = {}
     skeleton = _split(state, "", tensors)
@@ -252,7 +252,7 @@ def load_state(path):
     tensors_file = os.path.join(path, STATE_TENSORS)
     if not os.path.isfile(tensors_file):
         return state
-    from .models import read_safetensors
+    from .tensor_files import read_safetensors
 
     tensors = read_safetensors(tensors_file)
     return _join(state, tensors.__getitem__)
@@ -285,7 +285,7 @@ def load_weights_into(model, folder):
     so the optimizer's references stay valid), a tensor at a time where the file allows it."""
     import glob
 
-    from .models import read_safetensors_into
+    from .tensor_files import read_safetensors_into
 
     files = glob.glob(os.path.join(folder, "*.safetensors"))
     if len(files) == 1 and read_safetensors_into(model, files[0]):
