@@ -5,7 +5,10 @@
 
 output_dir then loads with `KandinskyV22CombinedPipeline.from_pretrained(output_dir)`.
 """
-from kandinsky_finetune import checkpoint, data, decoder, params, training, validation
+from kandinsky_finetune import cpu_threads
+
+cpu_threads.share_cores()  # before paddle is imported: its kernels' thread count is fixed then
+from kandinsky_finetune import checkpoint, data, decoder, optimization, params, training, validation  # noqa: E402
 
 
 def build_parser():
@@ -35,11 +38,13 @@ def main(argv=None):
     ds = data.load_train_dataset(args, run.seed, [args.image_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = decoder.cached_dataset(ds, args, c, run)
-    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed)
+    # each batch is encoded and noised before the step; in this thread: its kernels already use every core
+    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
+                                        prepare=decoder.batch_inputs(c, precision))
 
     # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in unet.parameters() if not p.stop_gradient]
-    optimizer, lr_scheduler = training.build_optimizer(trainable, args, sampler)
+    optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
     ema = training.build_ema(trainable, args.use_ema)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *checkpoint.full_model_weights(unet, "unet", ema, trainable),
                                            optimizer, lr_scheduler, precision, ema)

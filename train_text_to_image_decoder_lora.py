@@ -5,7 +5,10 @@
 
 Load the result with `pipe.unet.load_attn_procs(output_dir)` on a KandinskyV22CombinedPipeline.
 """
-from kandinsky_finetune import checkpoint, data, decoder, lora, params, training, validation
+from kandinsky_finetune import cpu_threads
+
+cpu_threads.share_cores()  # before paddle is imported: its kernels' thread count is fixed then
+from kandinsky_finetune import checkpoint, data, decoder, lora, optimization, params, training, validation  # noqa: E402
 
 
 def build_parser():
@@ -37,10 +40,12 @@ def main(argv=None):
     ds = data.load_train_dataset(args, run.seed, [args.image_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = decoder.cached_dataset(ds, args, c, run)
-    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed)
+    # each batch is encoded and noised before the step; in this thread: its kernels already use every core
+    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
+                                        prepare=decoder.batch_inputs(c, precision))
 
     # ---- optimizer over the LoRA parameters only, checkpoints; the loop resumes and runs
-    optimizer, lr_scheduler = training.build_optimizer(trainable, args, sampler)
+    optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *lora.checkpoint_weights(unet), optimizer, lr_scheduler,
                                            precision, ema=None)
     loop = training.Loop(args, run, unet, trainable, optimizer, lr_scheduler, None, sampler, loader,

@@ -5,7 +5,10 @@
 
 output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a KandinskyV22PriorPipeline).
 """
-from kandinsky_finetune import checkpoint, data, models, params, prior, training, validation
+from kandinsky_finetune import cpu_threads
+
+cpu_threads.share_cores(compute_threads=2)  # the training thread, and the thread encoding the next batch
+from kandinsky_finetune import checkpoint, data, models, optimization, params, prior, training, validation  # noqa: E402
 
 
 def build_parser():
@@ -33,11 +36,13 @@ def main(argv=None):
     ds = data.load_train_dataset(args, run.seed, [args.image_column, args.caption_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = prior.cached_dataset(ds, args, c, run)
-    sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed)
+    # the next batch is built, encoded and noised in a second thread while this one trains (prefetch.py)
+    sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed,
+                                        prepare=prior.batch_inputs(c, precision), read_ahead=True)
 
     # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in c.prior.parameters() if not p.stop_gradient]
-    optimizer, lr_scheduler = training.build_optimizer(trainable, args, sampler)
+    optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
     ema = training.build_ema(trainable, args.use_ema)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *checkpoint.full_model_weights(c.prior, "prior", ema, trainable),
                                            optimizer, lr_scheduler, precision, ema)

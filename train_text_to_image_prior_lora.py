@@ -5,7 +5,10 @@
 
 Load the result with `pipe.prior_prior.load_attn_procs(output_dir)` on a KandinskyV22CombinedPipeline.
 """
-from kandinsky_finetune import checkpoint, data, lora, models, params, prior, training, validation
+from kandinsky_finetune import cpu_threads
+
+cpu_threads.share_cores(compute_threads=2)  # the training thread, and the thread encoding the next batch
+from kandinsky_finetune import checkpoint, data, lora, models, optimization, params, prior, training, validation  # noqa: E402
 
 
 def build_parser():
@@ -35,10 +38,12 @@ def main(argv=None):
     ds = data.load_train_dataset(args, run.seed, [args.image_column, args.caption_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = prior.cached_dataset(ds, args, c, run)
-    sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed)
+    # the next batch is built, encoded and noised in a second thread while this one trains (prefetch.py)
+    sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed,
+                                        prepare=prior.batch_inputs(c, precision), read_ahead=True)
 
     # ---- optimizer over the LoRA parameters only, checkpoints; the loop resumes and runs
-    optimizer, lr_scheduler = training.build_optimizer(trainable, args, sampler)
+    optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *lora.checkpoint_weights(c.prior), optimizer, lr_scheduler,
                                            precision, ema=None)
     loop = training.Loop(args, run, c.prior, trainable, optimizer, lr_scheduler, None, sampler, loader,

@@ -303,17 +303,28 @@ def collate(samples):
 
 class Loader:
     """This rank's batches as tensors, built in this process (--dataloader_num_workers 0) or in Paddle's worker
-    processes. An error while building a sample travels as data and is raised here: raised inside Paddle 3.3's
-    DataLoader it leaves the training loop waiting forever."""
+    processes, and then `prepare`d (the frozen encoders' outputs added), with `read_ahead` one batch ahead in a
+    second thread (prefetch.py). An error while building a sample travels as data and is raised here: raised inside
+    Paddle 3.3's DataLoader it leaves the training loop waiting forever."""
 
-    def __init__(self, dataset, sampler, num_workers):
-        self.dataset, self.sampler = dataset, sampler
+    def __init__(self, dataset, sampler, num_workers, prepare=None, read_ahead=False):
+        self.dataset, self.sampler, self.prepare = dataset, sampler, prepare or (lambda batch: batch)
+        self.read_ahead = read_ahead
         # workers survive a stop signal sent to the process group, and die with this process (faults.detach_worker)
         self.workers = paddle.io.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, use_shared_memory=False,
             worker_init_fn=functools.partial(detach_worker, parent=os.getpid())) if num_workers else None
 
     def __iter__(self):
+        from .prefetch import ahead
+
+        # With worker processes Paddle's DataLoader reads ahead itself; its iterator, driven from a second thread,
+        # can hang the process at exit (its clean-up starts a thread then), so the encoders run in this thread.
+        if self.read_ahead and not self.workers:
+            return ahead(self._batches(), self.prepare)
+        return (self.prepare(batch) for batch in self._batches())
+
+    def _batches(self):
         batches = self.workers if self.workers else (collate([self.dataset[key] for key in keys]) for keys in self.sampler)
         for batch in batches:
             if "sample_error" in batch:
@@ -323,7 +334,9 @@ class Loader:
                    for name, value in batch.items()}
 
 
-def build_loader(hf_dataset, make_sample, args, ctx, seed):
-    """This rank's (sampler, loader) over the dataset."""
+def build_loader(hf_dataset, make_sample, args, ctx, seed, prepare=None, read_ahead=False):
+    """This rank's (sampler, loader) over the dataset; `prepare(batch)` runs on each batch before its step, with
+    `read_ahead` in a second thread while the step before runs."""
     sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
-    return sampler, Loader(TrainSet(hf_dataset, make_sample, seed), sampler, args.dataloader_num_workers)
+    return sampler, Loader(TrainSet(hf_dataset, make_sample, seed), sampler, args.dataloader_num_workers, prepare,
+                           read_ahead)

@@ -126,19 +126,30 @@ def sample_maker(args, c):
     return make_sample
 
 
+def batch_inputs(c, precision):
+    """prepare(batch) for the loader: what the UNet's step needs before the UNet runs (the frozen encoders' outputs,
+    unless cached; the noised latents and the loss target), computed ahead of the step (prefetch.py)."""
+
+    def prepare(batch):
+        if "latents" in batch:
+            latents, image_embeds = batch["latents"], batch["image_embeds"]
+        else:
+            latents, image_embeds = encode(c, precision, batch["pixel_values"], batch["clip_pixel_values"])
+        noise, timesteps = batch["noise"], batch["timestep"]
+        return {"noisy_latents": c.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+                "target": training.diffusion_target(c.noise_scheduler, latents, noise, timesteps),
+                "image_embeds": image_embeds}
+
+    return prepare
+
+
 def loss(c, model, batch, snr_gamma, precision):
-    """The training loss of `model` (the UNet, possibly wrapped) on one micro-batch."""
-    if "latents" in batch:
-        latents, image_embeds = batch["latents"], batch["image_embeds"]
-    else:
-        latents, image_embeds = encode(c, precision, batch["pixel_values"], batch["clip_pixel_values"])
-    noise, timesteps = batch["noise"], batch["timestep"]
-    noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
-    target = training.diffusion_target(c.noise_scheduler, latents, noise, timesteps)
+    """The training loss of `model` (the UNet, possibly wrapped) on one prepared micro-batch (batch_inputs)."""
+    latents = batch["noisy_latents"]
     with precision.autocast():
-        pred = model(noisy_latents, timesteps, None, added_cond_kwargs={"image_embeds": image_embeds}
+        pred = model(latents, batch["timesteps"], None, added_cond_kwargs={"image_embeds": batch["image_embeds"]}
                      ).sample[:, :latents.shape[1]]
-    return training.diffusion_loss(pred, target, timesteps, c.noise_scheduler, snr_gamma)
+    return training.diffusion_loss(pred, batch["target"], batch["timesteps"], c.noise_scheduler, snr_gamma)
 
 
 def save_pipeline(args, c, folder):

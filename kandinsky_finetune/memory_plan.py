@@ -102,6 +102,18 @@ def unet_activations(unet, side, checkpointing):
     return sum(k for k, _ in units) + middle + ends
 
 
+def encoding_activations(models, encoders):
+    """The frozen CLIP encoders' working memory for one sample, no gradients kept (they run one at a time): a few
+    live tensors of tokens x width, and the attention scores."""
+    sizes = []
+    for name in encoders:
+        config = models[name].config
+        tokens = ((config.image_size // config.patch_size) ** 2 + 1 if name == "image_encoder"
+                  else config.max_position_embeddings)
+        sizes.append(8 * tokens * config.hidden_size + 2 * config.num_attention_heads * tokens * tokens)
+    return max(sizes)
+
+
 # ---------------------------------------------------------------- the plan
 def build(args, kind, lora, device=None):
     """The plan of a run of the `kind` ("prior" or "decoder") script, full or LoRA, from the repos' configs, on
@@ -154,12 +166,16 @@ def build(args, kind, lora, device=None):
     grads = ("gradients", 4 * trained, "fp32, freed between steps")
     acts = ("activations", activations, f"estimate, batch {batch}" +
             (", gradient checkpointing" if args.gradient_checkpointing else ""))
+    # the prior scripts encode the next batch while the step runs (prefetch.py)
+    ahead = kind == "prior" and not cached
+    reading_ahead = ("next batch's encoding", batch * act_bytes * encoding_activations(models, encoders) if ahead else 0,
+                     "estimate, encoded while the step runs" if ahead else "encoded before the step, not during it")
 
     plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
                 + (f", {args.resolution} px" if kind == "decoder" else ""))
     if cached:
         plan.phases["encoding"] = weights + [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
-    plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, runtime]
+    plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, reading_ahead, runtime]
     # a checkpoint: gradients freed, the trained weights copied to host arrays while they are written
     plan.phases["checkpoint"] = weights + optimizer + [frozen, runtime, ("weights being written", 4 * trained, "")]
     if validation_models:

@@ -140,20 +140,33 @@ def sample_maker(args, c):
     return make_sample
 
 
+def batch_inputs(c, precision):
+    """prepare(batch) for the loader: what the prior's step needs before the prior runs (the frozen encoders'
+    outputs, unless cached; the normalised, noised image embedding and the loss target), computed ahead of the step
+    (prefetch.py)."""
+
+    def prepare(batch):
+        if "image_embeds" in batch:
+            text_embeds, text_hidden, image_embeds = batch["text_embeds"], batch["text_hidden"], batch["image_embeds"]
+        else:
+            text_embeds, text_hidden, image_embeds = encode(c, precision, batch["text_input_ids"],
+                                                            batch["clip_pixel_values"])
+        image_embeds = (image_embeds - c.clip_mean) / c.clip_std
+        noise, timesteps = batch["noise"], batch["timestep"]
+        return {"noisy_embeds": c.noise_scheduler.add_noise(image_embeds, noise, timesteps), "timesteps": timesteps,
+                "target": training.diffusion_target(c.noise_scheduler, image_embeds, noise, timesteps),
+                "text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": batch["text_mask"]}
+
+    return prepare
+
+
 def loss(c, model, batch, snr_gamma, precision):
-    """The training loss of `model` (the prior, possibly wrapped) on one micro-batch."""
-    if "image_embeds" in batch:
-        text_embeds, text_hidden, image_embeds = batch["text_embeds"], batch["text_hidden"], batch["image_embeds"]
-    else:
-        text_embeds, text_hidden, image_embeds = encode(c, precision, batch["text_input_ids"], batch["clip_pixel_values"])
-    image_embeds = (image_embeds - c.clip_mean) / c.clip_std
-    noise, timesteps = batch["noise"], batch["timestep"]
-    noisy_embeds = c.noise_scheduler.add_noise(image_embeds, noise, timesteps)
-    target = training.diffusion_target(c.noise_scheduler, image_embeds, noise, timesteps)
+    """The training loss of `model` (the prior, possibly wrapped) on one prepared micro-batch (batch_inputs)."""
     with precision.autocast():
-        pred = model(noisy_embeds, timestep=timesteps, proj_embedding=text_embeds, encoder_hidden_states=text_hidden,
-                     attention_mask=batch["text_mask"]).predicted_image_embedding
-    return training.diffusion_loss(pred, target, timesteps, c.noise_scheduler, snr_gamma)
+        pred = model(batch["noisy_embeds"], timestep=batch["timesteps"], proj_embedding=batch["text_embeds"],
+                     encoder_hidden_states=batch["text_hidden"], attention_mask=batch["text_mask"]
+                     ).predicted_image_embedding
+    return training.diffusion_loss(pred, batch["target"], batch["timesteps"], c.noise_scheduler, snr_gamma)
 
 
 def prior_pipeline(c):

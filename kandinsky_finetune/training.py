@@ -67,33 +67,7 @@ def diffusion_target(noise_scheduler, clean, noise, timesteps):
     raise UsageError(f"unsupported scheduler prediction_type {kind!r}")
 
 
-# ---------------------------------------------------------------- optimizer
-def build_optimizer(parameters, args, sampler):
-    from ppdiffusers.optimization import get_scheduler
-
-    max_train_steps = plan_steps(sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs,
-                                 args.max_train_steps)[1]
-    # The schedule counts optimizer steps, the unit of --lr_warmup_steps and --max_train_steps.
-    lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
-                                 num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps)
-    clip = paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm > 0 else None
-    optimizer = paddle.optimizer.AdamW(learning_rate=lr_scheduler, parameters=parameters, beta1=args.adam_beta1,
-                                       beta2=args.adam_beta2, epsilon=args.adam_epsilon,
-                                       weight_decay=args.adam_weight_decay, grad_clip=clip)
-    return optimizer, lr_scheduler
-
-
-def release_optimizer_state(optimizer):
-    """Free the optimizer's moments (8 bytes per trained parameter in AdamW) once no step and no checkpoint needs
-    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables."""
-    for table in ("_accumulators", "_master_weights", "_accumulators_holder"):
-        if isinstance(getattr(optimizer, table, None), dict):
-            getattr(optimizer, table).clear()
-    import gc
-
-    gc.collect()
-
-
+# ---------------------------------------------------------------- tensors and models
 def as_tensor(x):
     """A loader's tensor as it is, a numpy array (the cache's encoding batches) as a tensor."""
     return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
@@ -140,6 +114,11 @@ class Precision:
     def backward(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def unscale(self, optimizer):
+        """fp16: divide the gradients by the loss scale now, so clipping sees their true norm."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
     def step(self, optimizer):
         if self.scaler:
             self.scaler.step(optimizer)
@@ -167,15 +146,6 @@ def memory_efficient_attention(model, wanted, log):
     else:
         log.warn("--enable_xformers_memory_efficient_attention: Paddle's memory-efficient attention is not available "
                  f"on {paddle.get_device()} with this Paddle build; using standard attention")
-
-
-def use_cpu_cores(ctx):
-    """Paddle's CPU kernels run on one thread unless told otherwise: give each process on this machine its share of
-    the cores (an OMP_NUM_THREADS set by the user wins)."""
-    if on_gpu() or "OMP_NUM_THREADS" in os.environ:
-        return
-    local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", ctx.world_size))
-    paddle.base.core.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
 def configure_tf32(allow_tf32, log):
@@ -272,10 +242,14 @@ class Loop:
         accumulation = self.args.gradient_accumulation_steps
         done_in_epoch = self.global_step - epoch * self.steps_per_epoch  # > 0 only when resuming mid-epoch
         self.sampler.set_epoch(epoch, skip_batches=done_in_epoch * accumulation)
-        for batch, self._group, self._last in accumulation_groups(self.loader, len(self.sampler), accumulation):
-            yield batch
-            if self.done:
-                return
+        batches = iter(self.loader)
+        try:
+            for batch, self._group, self._last in accumulation_groups(batches, len(self.sampler), accumulation):
+                yield batch
+                if self.done:
+                    return
+        finally:  # the loader's read-ahead thread stops here, not whenever the iterator is collected
+            getattr(batches, "close", lambda: None)()
 
     def accumulating(self):
         from .distributed import no_sync_unless
@@ -299,9 +273,14 @@ class Loop:
 
     def _step(self):
         from . import distributed, faults
+        from .optimization import clip_gradients
 
         step = self.global_step + 1
-        grads_finite = faults.all_finite([p.grad for p in self.trainable])
+        grads = [p.grad for p in self.trainable]
+        self.precision.unscale(self.optimizer)
+        # Clipping computes the global norm anyway: it is the finite check; without clipping, a pass of its own
+        max_norm = self.args.max_grad_norm
+        grads_finite = clip_gradients(grads, max_norm) if max_norm > 0 else faults.all_finite(grads)
         loss, bad_grads, stop = distributed.sum_across_ranks(
             [self._loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
         loss /= self.ctx.world_size
@@ -320,7 +299,7 @@ class Loop:
         self._loss = 0.0
         self.tracker.scalars(logged, self.global_step)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}")
+        self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}", refresh=False)
         if self.global_step % self.args.checkpointing_steps == 0 or stop:
             path = self._checkpoint()
         if stop:
@@ -373,6 +352,7 @@ class Loop:
         returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
         Every rank waits for it, so none exits while rank 0 still writes."""
         from . import checkpoint, distributed, hub
+        from .optimization import release_optimizer_state
         from .validation import prompts
 
         self.bar.close()
@@ -410,7 +390,6 @@ def start_run(args, kind, lora):
     clock = tracking.Stopwatch()
     tracking.quiet_libraries()
     ctx = distributed.setup(args.local_rank)
-    use_cpu_cores(ctx)
     log = tracking.Log(ctx.is_main)
     from . import memory_plan
 
@@ -420,6 +399,11 @@ def start_run(args, kind, lora):
         if plan is None:
             raise UsageError("--print_memory_plan: the plan cannot be computed (see the warning above)")
         raise SystemExit(0)
+    if not on_gpu():
+        from .cpu_threads import decided
+
+        if decided:
+            log(f"CPU: {decided[0]} thread(s) per process for Paddle's kernels ({decided[1]})")
     tracking.check_available(args.report_to)
     if args.push_to_hub and ctx.is_main:
         from . import hub

@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The environment the tests were started with: importing paddle below sets OMP_NUM_THREADS=1 in this process, which
+# the scripts would take for the user's choice (cpu_threads.py)
+GIVEN_ENVIRONMENT = dict(os.environ)
 
 from kandinsky_finetune.tiny_models import build_tiny_kandinsky, write_tiny_dataset  # noqa: E402
 
@@ -31,7 +34,7 @@ def model_args(tiny, output_dir, *extra):
 
 def run(cmd, cwd=ROOT, check=True, timeout=900, env=None):
     proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+                          env={**GIVEN_ENVIRONMENT, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -1,6 +1,9 @@
-"""The benchmark runs and prints its table (a small part of it: one configuration, one script, both cache modes)."""
+"""The benchmark runs and prints its tables (a small part of them: one configuration, one script): both cache modes,
+and a before/after comparison with a git revision, run in turn."""
 import re
 import sys
+
+import pytest
 
 from conftest import ROOT, run
 
@@ -12,6 +15,20 @@ def test_benchmark_prints_a_table(tmp_path):
     assert len(rows) == 2, proc.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[3]) > 0 and float(cells[4]) > 0 and int(cells[6]) > 0  # steps/s, samples/s, peak MB
+        # steps/s, samples/s, cores busy (CPU time / wall time while training), peak MB
+        assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[6]) > 0.5 and int(cells[7]) > 0
     assert re.search(r"reference: prior [\d.]+ \(real 2\.1\)", proc.stdout)
-    assert "PaddleMIX port" in proc.stdout
+
+
+def test_benchmark_compares_with_a_git_revision_in_one_run(tmp_path):
+    proc = run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--workdir", str(tmp_path), "--configs", "reference",
+                "--scripts", "prior", "--prior_steps", "8", "--cache", "no", "--against", "HEAD", "--repeats", "1"])
+    commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| config"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:5] == [f"steps/s {commit}", "steps/s this tree"]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| reference | prior")]
+    assert len(rows) == 1, proc.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    before, after, speedup = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
+    assert before > 0 and after > 0 and speedup == pytest.approx(after / before, abs=0.01)
+    assert [len(runs.split()) for runs in cells[8].split(";")] == [1, 1]  # each run of each tree shown

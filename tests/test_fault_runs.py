@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, model_args, run, run_script, state_dict_of
+from conftest import GIVEN_ENVIRONMENT, ROOT, model_args, run, run_script, state_dict_of
 
 
 def saved_tensors(folder):
@@ -55,7 +55,7 @@ def start(cmd, log, cwd=ROOT):
     workers that outlive a killed process)."""
     with open(log, "w") as f:
         return subprocess.Popen(list(map(str, cmd)), cwd=str(cwd), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=GIVEN_ENVIRONMENT)
 
 
 def wait_for(condition, proc, what, timeout=120):

@@ -84,8 +84,7 @@ def run_block(folder, language, code, name):
         script = folder / f"{name}.py"
         script.write_text(code)
         cmd = [sys.executable, str(script)]
-    os.environ["PATH"] = env_path  # `python` in a block is this interpreter
-    run(cmd, cwd=folder)
+    run(cmd, cwd=folder, env={"PATH": env_path})  # `python` in a block is this interpreter
 
 
 def test_readme_blocks_run_as_written(user_folder):
