@@ -128,7 +128,8 @@ def sample_maker(args, c):
 
 def batch_inputs(c, precision):
     """prepare(batch) for the loader: what the UNet's step needs before the UNet runs (the frozen encoders' outputs,
-    unless cached; the noised latents and the loss target), computed ahead of the step (prefetch.py)."""
+    unless cached; the noised latents and the loss target), computed in the training thread just before the step
+    (the UNet's kernels already use every core, so a read-ahead thread would only compete with them)."""
 
     def prepare(batch):
         if "latents" in batch:
