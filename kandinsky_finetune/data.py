@@ -315,14 +315,22 @@ class Loader:
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, use_shared_memory=False,
             worker_init_fn=functools.partial(detach_worker, parent=os.getpid())) if num_workers else None
 
-    def __iter__(self):
+    def epochs(self, first_epoch, skip_batches, end_epoch):
+        """One stream of prepared batches over epochs first_epoch..end_epoch-1 (the first without its first
+        `skip_batches`, when resuming mid-epoch). Read ahead, the next epoch's first batch is encoded while this
+        epoch's last one trains. Close it when done."""
         from .prefetch import ahead
+
+        def batches():
+            for epoch in range(first_epoch, end_epoch):
+                self.sampler.set_epoch(epoch, skip_batches=skip_batches if epoch == first_epoch else 0)
+                yield from self._batches()
 
         # With worker processes Paddle's DataLoader reads ahead itself; its iterator, driven from a second thread,
         # can hang the process at exit (its clean-up starts a thread then), so the encoders run in this thread.
         if self.read_ahead and not self.workers:
-            return ahead(self._batches(), self.prepare)
-        return (self.prepare(batch) for batch in self._batches())
+            return ahead(batches(), self.prepare)
+        return (self.prepare(batch) for batch in batches())
 
     def _batches(self):
         batches = self.workers if self.workers else (collate([self.dataset[key] for key in keys]) for keys in self.sampler)

@@ -7,6 +7,7 @@ model's step: on two CPU cores the tiny prior's step took 24 instead of 39 ms. T
 number in them are those of the plain loop; an error while building one is raised in the training thread, where
 the plain loop would have raised it.
 """
+import contextlib
 import queue
 import threading
 
@@ -21,42 +22,73 @@ class Failure:
 
 
 def ahead(batches, prepare):
-    """Iterate `prepare(batch)` for each of `batches`, one batch ahead, computed in a background thread. Closing
-    the iterator (or leaving the loop) stops the thread and waits for it, so nothing runs on after."""
-    ready, stop = queue.Queue(maxsize=1), threading.Event()
-    device = paddle.get_device()
+    """`for batch in ahead(batches, prepare)`: see ReadAhead."""
+    return ReadAhead(batches, prepare)
 
-    def offer(item):
-        while not stop.is_set():
+
+class ReadAhead:
+    """Iterate `prepare(batch)` for each of `batches`, computed in a background thread while the caller works on the
+    batch before. `paused()` holds the thread between two batches (the caller then uses the encoders itself, e.g. to
+    validate); closing stops the thread and waits for it, so nothing runs on after."""
+
+    def __init__(self, batches, prepare):
+        self._ready, self._stop = queue.Queue(maxsize=1), threading.Event()
+        self._working = threading.Lock()  # held while a batch is read and prepared
+        self._batches, self._prepare, self._device = batches, prepare, paddle.get_device()
+        self._thread = threading.Thread(target=self._work, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _offer(self, item):
+        while not self._stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                self._ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 pass
         return False
 
-    def work():
-        paddle.set_device(device)  # a new thread starts on the default device (and, on GPU, CUDA device 0)
-        try:
-            for batch in batches:
-                if stop.is_set() or not offer(prepare(batch)):
-                    return
-            offer(DONE)
-        except BaseException as e:  # raised where the training loop asks for this batch
-            offer(Failure(e))
-        finally:  # left early, the batches' source closes now, in this thread
-            getattr(batches, "close", lambda: None)()
+    def _next_prepared(self):
+        with self._working:
+            if self._stop.is_set():
+                return DONE
+            return self._prepare(next(self._batches))
 
-    thread = threading.Thread(target=work, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is DONE:
-                return
-            if isinstance(item, Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def _work(self):
+        paddle.set_device(self._device)  # a new thread starts on the default device (and, on GPU, CUDA device 0)
+        try:
+            while True:
+                try:
+                    item = self._next_prepared()
+                except StopIteration:
+                    item = DONE
+                if not self._offer(item) or item is DONE:
+                    return
+        except BaseException as e:  # raised where the training loop asks for this batch
+            self._offer(Failure(e))
+        finally:  # left early, the batches' source closes now, in this thread
+            getattr(self._batches, "close", lambda: None)()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._ready.get()
+        if item is DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, Failure):
+            self.close()
+            raise item.error
+        return item
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No batch is read or prepared while inside (one being prepared is finished first)."""
+        with self._working:
+            yield
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()

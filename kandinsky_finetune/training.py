@@ -1,6 +1,7 @@
 """The training-loop pieces every script uses: the step plan, gradient accumulation, the diffusion loss
 with Min-SNR weighting, the optimizer and lr schedule, mixed precision and device settings."""
 import contextlib
+import itertools
 import math
 import os
 import signal
@@ -224,6 +225,7 @@ class Loop:
         self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
                  f"per epoch, {self.max_train_steps} steps in all{note}")
         self._group, self._last, self._loss = 1, True, 0.0
+        self._batches = None  # the loader's stream of batches, while epochs() runs
         self.clock.samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * self.ctx.world_size
         self.bar = tracking.progress_bar(self.max_train_steps, self.global_step, self.ctx.is_main)
 
@@ -233,23 +235,33 @@ class Loop:
 
     def epochs(self):
         self.clock.start_training()
-        for epoch in range(self.global_step // self.steps_per_epoch, self.num_epochs):
-            if self.done:
-                return
-            yield epoch
-
-    def micro_batches(self, epoch):
-        accumulation = self.args.gradient_accumulation_steps
-        done_in_epoch = self.global_step - epoch * self.steps_per_epoch  # > 0 only when resuming mid-epoch
-        self.sampler.set_epoch(epoch, skip_batches=done_in_epoch * accumulation)
-        batches = iter(self.loader)
+        first = self.global_step // self.steps_per_epoch
+        self._first_epoch_skip = (first, (self.global_step - first * self.steps_per_epoch)  # > 0 when resuming
+                                  * self.args.gradient_accumulation_steps)
+        # one stream over all epochs, so reading ahead does not stop at an epoch's end
+        self._batches = self.loader.epochs(first, self._first_epoch_skip[1], self.num_epochs)
         try:
-            for batch, self._group, self._last in accumulation_groups(batches, len(self.sampler), accumulation):
-                yield batch
+            for epoch in range(first, self.num_epochs):
                 if self.done:
                     return
+                yield epoch
         finally:  # the loader's read-ahead thread stops here, not whenever the iterator is collected
-            getattr(batches, "close", lambda: None)()
+            self._end_batches()
+
+    def _end_batches(self):
+        getattr(self._batches, "close", lambda: None)()
+        self._batches = None
+
+    def micro_batches(self, epoch):
+        skip = self._first_epoch_skip[1] if epoch == self._first_epoch_skip[0] else 0
+        num_batches = self.sampler.batches_per_epoch - skip
+        batches = itertools.islice(self._batches, num_batches)
+        for batch, self._group, self._last in accumulation_groups(batches, num_batches,
+                                                                  self.args.gradient_accumulation_steps):
+            yield batch
+            if self.done:
+                self._end_batches()  # nothing more is read ahead
+                return
 
     def accumulating(self):
         from .distributed import no_sync_unless
@@ -330,6 +342,8 @@ class Loop:
         """End of the run, whatever the way: the progress bar, the tracker, the signal handlers."""
         if self.stop is None:
             return
+        if self._batches is not None:
+            self._end_batches()
         self.bar.close()
         self.tracker.close()
         self.stop.restore()
@@ -344,7 +358,9 @@ class Loop:
             self._validate(validate)
 
     def _validate(self, validate):
-        with self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be in half precision
+        # the read-ahead thread waits meanwhile: validation runs the same frozen encoders
+        paused = getattr(self._batches, "paused", contextlib.nullcontext)
+        with paused(), self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be half precision
             validate(self.global_step)
 
     def finish(self, save, validate):

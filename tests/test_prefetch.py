@@ -70,8 +70,11 @@ def test_the_threads_no_grad_leaves_the_training_thread_computing_gradients():
 
 def test_training_with_read_ahead_gives_the_plain_loops_weights(tiny, tmp_path, monkeypatch):
     def train(out):
-        train_text_to_image_prior.main(model_args(tiny, out, "--max_train_steps", 4, "--train_batch_size", 2,
-                                                  "--lr_warmup_steps", 0, "--learning_rate", 1e-3))
+        # 4 batches an epoch: steps 5 and 6 are read ahead across the epoch's end and past a validation
+        train_text_to_image_prior.main(model_args(tiny, out, "--max_train_steps", 6, "--train_batch_size", 2,
+                                                  "--lr_warmup_steps", 0, "--learning_rate", 1e-3,
+                                                  "--validation_prompts", "a cat", "--validation_epochs", 1,
+                                                  "--num_inference_steps", 2))
         return state_dict_of(out / "prior")
 
     ahead = train(tmp_path / "ahead")
@@ -79,3 +82,65 @@ def test_training_with_read_ahead_gives_the_plain_loops_weights(tiny, tmp_path, 
     plain = train(tmp_path / "plain")
     assert ahead.keys() == plain.keys()
     assert all(np.array_equal(ahead[k], plain[k]) for k in ahead)
+
+
+def test_paused_finishes_the_batch_in_flight_and_prepares_none_meanwhile():
+    import time
+
+    events = []
+
+    def prepare(x):
+        events.append(("start", x))
+        time.sleep(0.05)
+        events.append(("end", x))
+        return x
+
+    batches = prefetch.ahead(iter(range(10)), prepare)
+    assert next(batches) == 0
+    with batches.paused():
+        events.append(("paused",))
+        time.sleep(0.3)
+        events.append(("resumed",))
+    assert list(batches) == list(range(1, 10))
+    inside = events[events.index(("paused",)):events.index(("resumed",)) + 1]
+    assert inside == [("paused",), ("resumed",)]  # nothing prepared while paused, nothing left half-prepared
+    before = events[:events.index(("paused",))]
+    assert [e for e in before if e[0] == "start"] == [("start", x) for _, x in before if _ == "end"]
+
+
+class Rows(paddle.io.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, key):
+        epoch, row = key
+        return {"key": np.array([epoch, row])}
+
+
+def test_the_next_epochs_first_batch_is_prepared_while_this_epochs_last_trains():
+    import time
+
+    from kandinsky_finetune.data import Loader, ShardedBatchSampler
+
+    prepared = []
+
+    def prepare(batch):
+        prepared.append(batch["key"].numpy().tolist())
+        return batch
+
+    def keys(stream):
+        return [b["key"].numpy().tolist() for b in stream]
+
+    sampler = ShardedBatchSampler(6, 2, rank=0, world_size=1, seed=3)
+    stream = Loader(Rows(), sampler, 0, prepare, read_ahead=True).epochs(0, 0, 3)
+    first_epoch = [next(stream) for _ in range(sampler.batches_per_epoch)]
+    deadline = time.time() + 10
+    while len(prepared) <= sampler.batches_per_epoch and time.time() < deadline:
+        time.sleep(0.01)
+    assert {epoch for batch in prepared[sampler.batches_per_epoch:] for epoch, _ in batch} == {1}
+    rest = keys(stream)
+    plain = keys(Loader(Rows(), ShardedBatchSampler(6, 2, 0, 1, seed=3), 0).epochs(0, 0, 3))
+    assert keys(first_epoch) + rest == plain and len(plain) == 9
+    # resuming after one batch of epoch 1 continues the same stream
+    assert keys(Loader(Rows(), ShardedBatchSampler(6, 2, 0, 1, seed=3), 0, read_ahead=True).epochs(1, 1, 3)) == plain[4:]
+    assert not read_ahead_threads()
