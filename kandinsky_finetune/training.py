@@ -310,11 +310,17 @@ class Loop:
             raise faults.Stopped(signum)
 
     def _checkpoint(self):
-        """checkpoint-<step>, written by rank 0; returns its path (None on other ranks)."""
+        """checkpoint-<step>, written by rank 0 while the others wait; returns its path (None on other ranks)."""
+        from .distributed import on_rank_0
+
         self._check_weights()
-        if not self.ctx.is_main:
-            return None
+        return on_rank_0(f"writing checkpoint-{self.global_step}", self._write_checkpoint, self.ctx)
+
+    def _write_checkpoint(self):
+        from .faults import injected_delay
+
         with self.clock.phase("checkpointing"):
+            injected_delay("checkpoint")
             path = self.checkpointer.save(self.global_step)
         self.log(f"saved {path}")
         return path
@@ -336,46 +342,57 @@ class Loop:
         self.stop = None
 
     def validate_if_due(self, epoch, validate):
-        """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a
-        prompt; the end of training validates in finish()."""
+        """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0 while the others wait,
+        when there is a prompt; the end of training validates in finish()."""
+        from .distributed import on_rank_0
         from .validation import prompts
 
-        if prompts(self.args) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done:
-            self._validate(validate)
+        if prompts(self.args) and epoch % self.args.validation_epochs == 0 and not self.done:
+            on_rank_0(f"validating at step {self.global_step}", lambda: self._validate(validate), self.ctx)
 
     def _validate(self, validate):
-        with self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be in half precision
+        from .faults import injected_delay
+
+        # (in the thread that validates: autocast is per thread) frozen parts may be in half precision
+        with self.clock.phase("validation"), self.precision.autocast():
+            injected_delay("validation")
             validate(self.global_step)
 
     def finish(self, save, validate):
         """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
         returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
-        Every rank waits for it, so none exits while rank 0 still writes."""
-        from . import checkpoint, distributed, hub
+        Every rank waits for it (distributed.on_rank_0), so none exits while rank 0 still writes."""
+        from . import distributed
         from .optimization import release_optimizer_state
-        from .validation import prompts
 
         self.bar.close()
         self.clock.stop_training()
         release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
         distributed.barrier(self.ctx)
         try:
-            if self.ctx.is_main:
-                if self.ema is not None:
-                    self.ema.copy_to(self.trainable)
-                self._check_weights()
-                if prompts(self.args):
-                    self._validate(validate)
-                with self.clock.phase("saving"):
-                    what = checkpoint.publish(self.args.output_dir, save)
-                self.log(f"saved {what} to {self.args.output_dir}")
-                if self.args.push_to_hub:
-                    hub.upload(self.args, self.log)
+            distributed.on_rank_0("validating, saving and uploading the final model",
+                                  lambda: self._final_save(save, validate), self.ctx)
         finally:
             self._close()
-        distributed.barrier(self.ctx)
         distributed.leave(self.ctx)
         self.log(self.clock.summary())
+
+    def _final_save(self, save, validate):
+        from . import checkpoint, hub
+        from .faults import injected_delay
+        from .validation import prompts
+
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable)
+        self._check_weights()
+        if prompts(self.args):
+            self._validate(validate)
+        with self.clock.phase("saving"):
+            injected_delay("final_save")
+            what = checkpoint.publish(self.args.output_dir, save)
+        self.log(f"saved {what} to {self.args.output_dir}")
+        if self.args.push_to_hub:
+            hub.upload(self.args, self.log)
 
 
 # ---------------------------------------------------------------- start-up
