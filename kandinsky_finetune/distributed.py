@@ -141,7 +141,7 @@ def on_rank_0(what, work, ctx):
             mine = _WORKING if thread.is_alive() else _DONE if len(outcome) == 1 else _FAILED
         else:
             mine = _WORKING
-        (state,) = sum_across_ranks([mine], ctx, what=f"waiting for rank 0 ({what})")
+        (state,) = sum_across_ranks([mine], ctx, what=f"waiting while rank 0 is {what}")
     if state == _FAILED:
         if ctx.is_main:
             raise outcome[1]

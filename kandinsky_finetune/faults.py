@@ -141,4 +141,5 @@ def injected_delay(where):
     for item in filter(None, os.environ.get(SLOW_ENV, "").split(",")):
         name, _, seconds = item.partition("=")
         if name.strip() == where:
+            os.write(2, f"{SLOW_ENV}: {where} sleeps {seconds} s\n".encode())  # tests wait for this line
             time.sleep(float(seconds))
