@@ -4,6 +4,7 @@ nobody, and a dead rank 0 still ends the other machine's launch at once."""
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -148,3 +149,18 @@ def test_a_dead_rank_0_ends_the_other_machine_at_once_while_it_works_alone(tiny,
     assert "error: rank 1: waiting while rank 0 is writing checkpoint-1 across 2 processes failed" in rank_1_log
     assert checkpoints(tmp_path / "out0") == []
     print(f"rank 1's launcher ended {took:.1f} s after rank 0 was killed")
+
+
+def test_resuming_on_two_machines_where_one_does_not_see_the_checkpoint_is_an_error(tiny, tmp_path, two_process_run):
+    """Each machine looks for --resume_from_checkpoint in its own output_dir: one that finds nothing would start over
+    and train more steps than rank 0. Both stop with one line before training."""
+    shutil.copytree(two_process_run, tmp_path / "out0")  # rank 0's machine has checkpoint-4, the other one nothing
+    with ended(start_nodes(tiny, tmp_path, *COMMON, "--resume_from_checkpoint", "latest")) as nodes:
+        codes = [node.wait(timeout=300) for node in nodes]
+    logs = worker_logs(tmp_path / "log0", tmp_path / "log1")
+    assert codes[0] != 0 and codes[1] != 0
+    for log in logs:
+        assert "error: --resume_from_checkpoint latest: 1 of 2 processes do not find the checkpoint rank 0 resumes " \
+               "from (checkpoint-4" in log and "Traceback" not in log, log[-2000:]
+    assert "; rank 1 finds no checkpoint): every machine must see output_dir's checkpoints" in logs[1]
+    assert "resumed" not in logs[0] and "steps:" not in logs[0]
