@@ -353,7 +353,7 @@ class Loop:
     def _validate(self, validate):
         from .faults import injected_delay
 
-        # (in the thread that validates: autocast is per thread) frozen parts may be in half precision
+        # entered in the thread that validates (autocast is per thread): frozen parts may be in half precision
         with self.clock.phase("validation"), self.precision.autocast():
             injected_delay("validation")
             validate(self.global_step)
@@ -364,14 +364,16 @@ class Loop:
         Every rank waits for it (distributed.on_rank_0), so none exits while rank 0 still writes."""
         from . import distributed
         from .optimization import release_optimizer_state
+        from .validation import prompts
 
         self.bar.close()
         self.clock.stop_training()
         release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
         distributed.barrier(self.ctx)
         try:
-            distributed.on_rank_0("validating, saving and uploading the final model",
-                                  lambda: self._final_save(save, validate), self.ctx)
+            what = ", ".join(["validating"] * bool(prompts(self.args)) + ["saving the final model"]
+                             + ["uploading it"] * bool(self.args.push_to_hub))
+            distributed.on_rank_0(what, lambda: self._final_save(save, validate), self.ctx)
         finally:
             self._close()
         distributed.leave(self.ctx)
