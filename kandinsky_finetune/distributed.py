@@ -7,9 +7,16 @@ When a rank dies, the others do not hang: gloo fails their next collective at on
 is reset; a peer that stops answering fails it after gloo's 30 s timeout), and paddle.distributed.launch
 stops the other workers within a few seconds (SIGTERM, then SIGKILL after 3 s). A collective that fails in
 Python code here becomes one `error:` line (faults.RunError).
+
+Gloo's 30 s is fixed in Paddle 3.3 (neither init_parallel_env, new_group(timeout=...) nor PADDLE_PG_TIMEOUT
+reach the gloo context), so a rank waiting longer than that in one collective dies. Work rank 0 does alone
+(validation, a checkpoint, the final save and upload) therefore runs through `on_rank_0`: while it runs, every
+rank joins a small all-reduce every few seconds, so nobody waits long in one collective, and a rank that
+really dies still fails the others' next one at once.
 """
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import paddle
@@ -88,12 +95,12 @@ def leave(ctx):
             dist.destroy_process_group()
 
 
-def sum_across_ranks(values, ctx):
+def sum_across_ranks(values, ctx, what="the per-step all-reduce"):
     """Element-wise sums of a list of python floats over all ranks, in one all-reduce."""
     if ctx.world_size == 1:
         return list(values)
     t = paddle.to_tensor(values, dtype="float64")
-    with _collective("the per-step all-reduce", ctx):
+    with _collective(what, ctx):
         dist.all_reduce(t)
     return t.numpy().tolist()
 
@@ -105,3 +112,48 @@ def broadcast_int(value, ctx):
     t = paddle.to_tensor([value], dtype="int64")
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+HEARTBEAT_SECONDS = 5  # how long a rank waits in one collective while rank 0 works alone: well inside gloo's 30 s
+_WORKING, _DONE, _FAILED = 0, 1, 2
+
+
+def on_rank_0(what, work, ctx):
+    """`work()` on rank 0 alone, however long it takes, while the other ranks wait for it; returns its result on
+    rank 0 and None on the others. `what` names the work for error lines ("writing checkpoint-4").
+
+    Rank 0 runs `work` in a helper thread; its main thread and every other rank's join one small all-reduce each
+    HEARTBEAT_SECONDS until rank 0 reports the work done or failed. A failure is raised on rank 0 as it was and
+    ends the other ranks with one line; a rank that dies meanwhile fails the others' next all-reduce at once.
+    Signals are handled as usual: they reach the main thread, which is never blocked for long."""
+    if ctx.world_size == 1:
+        return work()
+    outcome = []  # rank 0: [result] or [None, exception]
+    thread = None
+    if ctx.is_main:
+        thread = threading.Thread(target=_run_into, args=(work, outcome, paddle.get_device()), name=what,
+                                  daemon=True)  # a main thread that fails (a dead peer) exits without it
+        thread.start()
+    state = _WORKING
+    while state == _WORKING:
+        if thread is not None:
+            thread.join(HEARTBEAT_SECONDS)
+            mine = _WORKING if thread.is_alive() else _DONE if len(outcome) == 1 else _FAILED
+        else:
+            mine = _WORKING
+        (state,) = sum_across_ranks([mine], ctx, what=f"waiting while rank 0 is {what}")
+    if state == _FAILED:
+        if ctx.is_main:
+            raise outcome[1]
+        from .faults import RunError
+
+        raise RunError(f"rank {ctx.rank}: rank 0 failed while {what} (its log says why); stopping too")
+    return outcome[0] if ctx.is_main else None
+
+
+def _run_into(work, outcome, device):
+    paddle.set_device(device)  # a new thread starts on the default device (and, on GPU, CUDA device 0)
+    try:
+        outcome.append(work())
+    except BaseException as e:  # raised in the main thread
+        outcome.extend([None, e])

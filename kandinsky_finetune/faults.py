@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 
 class RunError(Exception):
@@ -128,3 +129,17 @@ def is_write_error(e):
 def first_line(e):
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------- injected faults (tests only)
+SLOW_ENV = "KANDINSKY_FAULT_SLOW"
+
+
+def injected_delay(where):
+    """Tests make rank 0's solo work slow: KANDINSKY_FAULT_SLOW="checkpoint=10,validation=10,final_save=10" sleeps
+    that many seconds at the start of each checkpoint, validation or final save. Unset, it does nothing."""
+    for item in filter(None, os.environ.get(SLOW_ENV, "").split(",")):
+        name, _, seconds = item.partition("=")
+        if name.strip() == where:
+            os.write(2, f"{SLOW_ENV}: {where} sleeps {seconds} s\n".encode())  # tests wait for this line
+            time.sleep(float(seconds))

@@ -322,11 +322,17 @@ class Loop:
             raise faults.Stopped(signum)
 
     def _checkpoint(self):
-        """checkpoint-<step>, written by rank 0; returns its path (None on other ranks)."""
+        """checkpoint-<step>, written by rank 0 while the others wait; returns its path (None on other ranks)."""
+        from .distributed import on_rank_0
+
         self._check_weights()
-        if not self.ctx.is_main:
-            return None
+        return on_rank_0(f"writing checkpoint-{self.global_step}", self._write_checkpoint, self.ctx)
+
+    def _write_checkpoint(self):
+        from .faults import injected_delay
+
         with self.clock.phase("checkpointing"):
+            injected_delay("checkpoint")
             path = self.checkpointer.save(self.global_step)
         self.log(f"saved {path}")
         return path
@@ -350,24 +356,29 @@ class Loop:
         self.stop = None
 
     def validate_if_due(self, epoch, validate):
-        """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0, when there is a
-        prompt; the end of training validates in finish()."""
+        """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0 while the others wait,
+        when there is a prompt; the end of training validates in finish()."""
+        from .distributed import on_rank_0
         from .validation import prompts
 
-        if prompts(self.args) and self.ctx.is_main and epoch % self.args.validation_epochs == 0 and not self.done:
-            self._validate(validate)
+        if prompts(self.args) and epoch % self.args.validation_epochs == 0 and not self.done:
+            on_rank_0(f"validating at step {self.global_step}", lambda: self._validate(validate), self.ctx)
 
     def _validate(self, validate):
-        # the read-ahead thread waits meanwhile: validation runs the same frozen encoders
+        from .faults import injected_delay
+
+        # the read-ahead thread waits meanwhile: validation runs the same frozen encoders. Entered in the thread that
+        # validates (autocast is per thread): frozen parts may be in half precision
         paused = getattr(self._batches, "paused", contextlib.nullcontext)
-        with paused(), self.clock.phase("validation"), self.precision.autocast():  # frozen parts may be half precision
+        with paused(), self.clock.phase("validation"), self.precision.autocast():
+            injected_delay("validation")
             validate(self.global_step)
 
     def finish(self, save, validate):
         """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
         returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
-        Every rank waits for it, so none exits while rank 0 still writes."""
-        from . import checkpoint, distributed, hub
+        Every rank waits for it (distributed.on_rank_0), so none exits while rank 0 still writes."""
+        from . import distributed
         from .optimization import release_optimizer_state
         from .validation import prompts
 
@@ -376,22 +387,30 @@ class Loop:
         release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
         distributed.barrier(self.ctx)
         try:
-            if self.ctx.is_main:
-                if self.ema is not None:
-                    self.ema.copy_to(self.trainable)
-                self._check_weights()
-                if prompts(self.args):
-                    self._validate(validate)
-                with self.clock.phase("saving"):
-                    what = checkpoint.publish(self.args.output_dir, save)
-                self.log(f"saved {what} to {self.args.output_dir}")
-                if self.args.push_to_hub:
-                    hub.upload(self.args, self.log)
+            what = ", ".join(["validating"] * bool(prompts(self.args)) + ["saving the final model"]
+                             + ["uploading it"] * bool(self.args.push_to_hub))
+            distributed.on_rank_0(what, lambda: self._final_save(save, validate), self.ctx)
         finally:
             self._close()
-        distributed.barrier(self.ctx)
         distributed.leave(self.ctx)
         self.log(self.clock.summary())
+
+    def _final_save(self, save, validate):
+        from . import checkpoint, hub
+        from .faults import injected_delay
+        from .validation import prompts
+
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable)
+        self._check_weights()
+        if prompts(self.args):
+            self._validate(validate)
+        with self.clock.phase("saving"):
+            injected_delay("final_save")
+            what = checkpoint.publish(self.args.output_dir, save)
+        self.log(f"saved {what} to {self.args.output_dir}")
+        if self.args.push_to_hub:
+            hub.upload(self.args, self.log)
 
 
 # ---------------------------------------------------------------- start-up
@@ -433,11 +452,33 @@ def start_run(args, kind, lora):
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         log(f"no checkpoint in {args.output_dir} yet: starting a new run")
     resume_state = checkpoint.load_state(resume_path) if resume_path else None
+    check_every_rank_resumes_alike(args, resume_state, ctx)
     if resume_state is not None:
         seed = resume_state["seed"]
     paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
     return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
                            resume_state=resume_state, clock=clock)
+
+
+def check_every_rank_resumes_alike(args, resume_state, ctx):
+    """Each rank finds --resume_from_checkpoint in its own file system: on several machines one that does not see
+    rank 0's checkpoint would start over and train a different number of steps. Then every rank stops."""
+    from . import distributed
+
+    if args.resume_from_checkpoint is None or ctx.world_size == 1:
+        return
+    step = resume_state["global_step"] if resume_state is not None else -1
+    rank_0_step = distributed.broadcast_int(step, ctx)
+    (others,) = distributed.sum_across_ranks([float(step != rank_0_step)], ctx, what="comparing the checkpoints found")
+    if others:
+        def found(s):
+            return f"checkpoint-{s}" if s >= 0 else "no checkpoint"
+
+        here = "" if step == rank_0_step else f"; rank {ctx.rank} finds {found(step)}"
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {int(others)} of {ctx.world_size} "
+                         f"processes do not find the checkpoint rank 0 resumes from ({found(rank_0_step)}{here}): "
+                         "every machine must see output_dir's checkpoints: put --output_dir on a shared file system, "
+                         "or copy the checkpoint to the same path on each machine")
 
 
 def prepare_output_dir(output_dir, ctx, log):

@@ -50,12 +50,12 @@ COMMON = ["--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--learni
           "linear", "--lr_warmup_steps", 2, "--max_train_steps", STEPS, "--use_ema", "--dataloader_num_workers", 1]
 
 
-def start(cmd, log, cwd=ROOT):
+def start(cmd, log, cwd=ROOT, env=None):
     """Start `cmd` in its own session, stdout and stderr to the file `log` (a pipe would wait for data-loader
     workers that outlive a killed process)."""
     with open(log, "w") as f:
         return subprocess.Popen(list(map(str, cmd)), cwd=str(cwd), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=GIVEN_ENVIRONMENT)
+                                start_new_session=True, env={**GIVEN_ENVIRONMENT, **(env or {})})
 
 
 def wait_for(condition, proc, what, timeout=120):
