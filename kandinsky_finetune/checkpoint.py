@@ -17,6 +17,7 @@ import paddle
 
 from .faults import RunError, first_line, is_write_error
 from .params import UsageError
+from .sharding import is_tensor
 
 PREFIX = "checkpoint-"
 STATE_FILE = "training_state.pdparams"  # step, seed, schedules; written last of all, so it marks a complete checkpoint
@@ -56,8 +57,9 @@ def save(output_dir, step, write_weights, state, total_limit=None):
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     tmp = os.path.join(output_dir, f"{TMP}{PREFIX}{step}")
     with _writing(tmp, f"checkpoint {final}", output_dir):
-        write_weights(tmp)
+        # the state first: with --sharding the other ranks send their optimizer shards while it is written
         write_state(state, tmp)
+        write_weights(tmp)
         _sync(tmp)
         _discard(final)  # e.g. a resumed run reaching the same step again
         os.rename(tmp, final)
@@ -166,7 +168,18 @@ class Checkpointer:
         self.optimizer, self.lr_scheduler, self.precision, self.ema = optimizer, lr_scheduler, precision, ema
 
     def save(self, step):
-        state = {"global_step": step, "seed": self.seed, "optimizer": self.optimizer.state_dict(),
+        """checkpoint-<step>, written by rank 0; with --sharding every rank calls it, and the others send their part
+        of the optimizer state (sharding.py; the checkpoint holds all of it) and return None."""
+        if getattr(self.args, "sharding", None):
+            from . import sharding
+
+            optimizer = sharding.gathered_state(self.optimizer)
+            if paddle.distributed.get_rank() != 0:
+                sharding.take_part(optimizer)
+                return None
+        else:
+            optimizer = self.optimizer.state_dict()
+        state = {"global_step": step, "seed": self.seed, "optimizer": optimizer,
                  "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.precision.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
         return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit)
@@ -260,7 +273,7 @@ def load_state(path):
 
 def _split(obj, path, tensors):
     """`obj` with each tensor replaced by {_TENSOR: its path}, the tensors collected in `tensors` by path."""
-    if isinstance(obj, paddle.Tensor):
+    if is_tensor(obj):
         tensors[path] = obj
         return {_TENSOR: path}
     if isinstance(obj, dict):

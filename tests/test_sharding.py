@@ -1,0 +1,142 @@
+"""--sharding: stage 1 on 2 CPU processes (gloo) trains the same weights as plain data parallelism, with gradient
+accumulation and clipping that clips, while each rank holds about half of AdamW's state; its checkpoints hold the whole
+optimizer state (gathered to rank 0), resume exactly, and resume on one process; stage 2 on a CPU is one error line;
+the memory plan divides what a stage shards by the number of processes."""
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, model_args, run, run_script, state_dict_of
+from kandinsky_finetune import memory_plan, params
+from kandinsky_finetune.checkpoint import load_state
+
+SCRIPT = "train_text_to_image_prior.py"
+# 8 samples, 2 ranks x batch 2 x 2 micro-batches: one optimizer step per epoch. A max_grad_norm of 0.01 clips every
+# step here (the test without clipping below shows it changes the weights)
+COMMON = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 2, "--gradient_accumulation_steps",
+          2, "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--lr_warmup_steps", 1]
+
+
+def launch(tiny, tmp_path, name, *extra):
+    """A 2-process launch into tmp_path/name; (output folder, rank 0's log)."""
+    out, logs = tmp_path / name, tmp_path / f"{name}-logs"
+    proc = run([str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
+                                 logs, ROOT / SCRIPT, *model_args(tiny, out, *COMMON, *extra))], cwd=tmp_path, check=False)
+    log0 = (logs / "workerlog.0").read_text()
+    assert proc.returncode == 0, log0[-3000:] + (logs / "workerlog.1").read_text()[-3000:]
+    return out, log0
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharding")
+    clip = ["--max_grad_norm", 0.01]
+    return {"dp": launch(tiny, tmp, "dp", *clip), "sharded": launch(tiny, tmp, "sharded", *clip, "--sharding", "stage1"),
+            "tmp": tmp}
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    wa, wb = state_dict_of(a), state_dict_of(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=atol, err_msg=k)
+
+
+def assert_same_optimizer_state(a, b, atol=1e-5):
+    sa, sb = load_state(str(a))["optimizer"], load_state(str(b))["optimizer"]
+    assert sa.keys() == sb.keys() and [k for k in sa if "moment" in k]
+    for k in sa:
+        if hasattr(sa[k], "numpy"):
+            np.testing.assert_allclose(sa[k].numpy(), sb[k].numpy(), atol=atol, err_msg=k)
+        else:
+            assert sa[k] == sb[k], k
+
+
+def test_stage1_trains_the_weights_of_data_parallel_and_checkpoints_the_whole_state(runs):
+    (dp, _), (sharded, _) = runs["dp"], runs["sharded"]
+    assert_same_weights(dp / "prior", sharded / "prior")
+    for step in (2, 4):
+        assert_same_weights(dp / f"checkpoint-{step}" / "prior", sharded / f"checkpoint-{step}" / "prior")
+        # rank 0 wrote every rank's shard: the checkpoint is the unsharded run's, key for key
+        assert_same_optimizer_state(dp / f"checkpoint-{step}", sharded / f"checkpoint-{step}")
+
+
+def test_stage1_each_rank_holds_about_half_of_the_optimizer_state(runs):
+    (_, dp_log), (_, log) = runs["dp"], runs["sharded"]
+    assert "optimizer state per process" not in dp_log
+    shares = [(int(rank), float(mb), int(count)) for rank, mb, count in
+              re.findall(r"rank (\d) ([\d.]+) MB in (\d+) tensors", log.split("optimizer state per process")[1])]
+    assert [rank for rank, _, _ in shares] == [0, 1]
+    total = sum(mb for _, mb, _ in shares)
+    # AdamW's two fp32 moments per trained parameter (34,496 in the tiny prior), plus its beta powers
+    assert total == pytest.approx(2 * 4 * 34_496 / 1e6, rel=0.01)
+    assert all(0.4 * total <= mb <= 0.6 * total for _, mb, _ in shares), shares
+
+
+def test_stage1_clipping_clips(tiny, runs):
+    unclipped, _ = launch(tiny, runs["tmp"], "unclipped", "--max_grad_norm", 0, "--sharding", "stage1")
+    a, b = state_dict_of(unclipped / "prior"), state_dict_of(runs["sharded"][0] / "prior")
+    assert any(np.abs(a[k] - b[k]).max() > 1e-4 for k in a)
+
+
+def test_sharded_resume_matches_the_uninterrupted_run(tiny, runs):
+    sharded, _ = runs["sharded"]
+    out = runs["tmp"] / "resumed"
+    out.mkdir()
+    shutil.copytree(sharded / "checkpoint-2", out / "checkpoint-2")  # as if the launch had been killed after step 2
+    _, log = launch(tiny, runs["tmp"], "resumed", "--max_grad_norm", 0.01, "--sharding", "stage1",
+                    "--resume_from_checkpoint", "latest")
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in log
+    assert_same_weights(sharded / "prior", out / "prior")
+    assert_same_optimizer_state(sharded / "checkpoint-4", out / "checkpoint-4")
+
+
+def test_a_two_process_sharded_checkpoint_resumes_on_one_process(tiny, runs):
+    sharded, _ = runs["sharded"]
+    out = runs["tmp"] / "one"
+    out.mkdir()
+    shutil.copytree(sharded / "checkpoint-2", out / "checkpoint-2")
+    proc = run_script(SCRIPT, *model_args(tiny, out, *COMMON, "--max_grad_norm", 0.01, "--sharding", "stage1",
+                                          "--resume_from_checkpoint", "latest"))
+    assert "warning: --sharding stage1: one process, nothing to shard; training unsharded" in proc.stderr
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stderr
+    # the whole optimizer state was restored and carried on (one process sees other batches: not the same weights)
+    state = load_state(str(out / "checkpoint-4"))["optimizer"]
+    assert state.keys() == load_state(str(sharded / "checkpoint-4"))["optimizer"].keys()
+
+
+def test_stage2_on_a_cpu_is_one_error_line_before_anything_loads(tiny, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, *model_args(tiny, out, "--sharding", "stage2"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --sharding stage2: Paddle shards gradients on GPUs only (group_sharded_parallel); on cpu use "
+        "--sharding stage1 (optimizer states)")
+    assert "Traceback" not in proc.stderr and "memory plan" not in proc.stderr and not out.exists()
+
+
+def plan_items(tiny, processes, *extra):
+    parser = params.build_parser("test")
+    params.add_prior_args(parser)
+    args = params.parse(parser, model_args(tiny, "unused", "--print_memory_plan", "gpu", *extra))
+    return {label: size for label, size, _ in memory_plan.build(args, "prior", False, "gpu", processes).phases["training"]}
+
+
+@pytest.mark.parametrize("stage,divided", [("stage1", {"optimizer states"}),
+                                           ("stage2", {"optimizer states", "gradients"})])
+def test_the_plan_divides_what_the_stage_shards(tiny, stage, divided):
+    whole = plan_items(tiny, 1, "--sharding", stage)
+    assert whole == plan_items(tiny, 4)  # on one process nothing is sharded
+    quarter = plan_items(tiny, 4, "--sharding", stage)
+    for label, size in whole.items():
+        assert quarter[label] == (size // 4 if label in divided else size), label
+
+
+def test_print_memory_plan_takes_the_process_count_from_the_launcher_variable(tiny):
+    proc = run_script(SCRIPT, *model_args(tiny, "unused", "--print_memory_plan", "gpu", "--sharding", "stage1"),
+                      env={"PADDLE_TRAINERS_NUM": "8"})
+    assert "one of 8 processes, --sharding stage1" in proc.stderr
+    assert re.search(r"optimizer states .*; 1/8 of [\d.]+ GB \(--sharding stage1\)", proc.stderr), proc.stderr
