@@ -179,7 +179,8 @@ class Checkpointer:
                 return None
         else:
             optimizer = self.optimizer.state_dict()
-        state = {"global_step": step, "seed": self.seed, "optimizer": optimizer,
+        state = {"global_step": step, "seed": self.seed, "processes": paddle.distributed.get_world_size(),
+                 "optimizer": optimizer,
                  "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.precision.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
         return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit)
@@ -190,6 +191,11 @@ class Checkpointer:
             return 0
         step = self.restore(run.resume_path, run.resume_state)
         log(f"resumed from {run.resume_path} at step {step}")
+        written_by = run.resume_state.get("processes", run.ctx.world_size)
+        if written_by != run.ctx.world_size:  # works: every checkpoint holds the whole optimizer state
+            log(f"the checkpoint was written by {written_by} process(es), this run has {run.ctx.world_size}: the "
+                f"optimizer state is whole, but from here on each step sees other batches than a {written_by}-process "
+                "run would")
         return step
 
     def restore(self, path, state):

@@ -106,6 +106,7 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_process(tiny, runs):
                                           "--resume_from_checkpoint", "latest"))
     assert "warning: --sharding stage1: one process, nothing to shard; training unsharded" in proc.stderr
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stderr
+    assert "the checkpoint was written by 2 process(es), this run has 1: the optimizer state is whole" in proc.stderr
     # the whole optimizer state was restored and carried on (one process sees other batches: not the same weights)
     state = load_state(str(out / "checkpoint-4"))["optimizer"]
     assert state.keys() == load_state(str(sharded / "checkpoint-4"))["optimizer"].keys()
