@@ -226,19 +226,23 @@ def fitting_flags(args, kind, lora, capacity, processes=1):
     """The smallest set of memory-saving flags (in the order they cost least) whose plan fits `capacity`."""
     import copy
 
-    options = [("--cache_encoder_outputs", "cache_encoder_outputs", True),
+    # with several processes, sharding costs communication, not compute: tried right after the cache
+    stages = [(f"--sharding {stage}", "sharding", stage) for stage in SHARDED] if processes > 1 else []
+    options = [("--cache_encoder_outputs", "cache_encoder_outputs", True), *stages,
                ("--gradient_checkpointing", "gradient_checkpointing", True),
                ("--mixed_precision fp16", "mixed_precision", "fp16"),
                ("--train_batch_size 1", "train_batch_size", 1)]
-    trial, chosen = copy.copy(args), []
+    trial, chosen = copy.copy(args), {}  # {setting: flag}; a later stage replaces an earlier one in place
     for flag, name, value in options:
-        if getattr(trial, name) == value:
+        current = getattr(trial, name, None)
+        if current == value or name == "sharding" and current and list(SHARDED).index(current) > list(
+                SHARDED).index(value):
             continue
         setattr(trial, name, value)
-        chosen.append(flag)
+        chosen[name] = flag
         peak = build(trial, kind, lora, processes=processes).peak
         if peak <= capacity:
-            return f"it would fit with {' '.join(chosen)} ({peak / GB:.1f} GB)"
+            return f"it would fit with {' '.join(chosen.values())} ({peak / GB:.1f} GB)"
     script = f"train_text_to_image_{kind}_lora.py" if not lora else None
-    return (f"even {' '.join(chosen)} needs {peak / GB:.1f} GB" +
+    return (f"even {' '.join(chosen.values())} needs {peak / GB:.1f} GB" +
             (f"; try LoRA ({script})" if script else "; try a GPU with more memory"))

@@ -122,11 +122,15 @@ def test_stage2_on_a_cpu_is_one_error_line_before_anything_loads(tiny, tmp_path)
     assert "Traceback" not in proc.stderr and "memory plan" not in proc.stderr and not out.exists()
 
 
-def plan_items(tiny, processes, *extra):
+def plan_args_of(tiny, *extra):
     parser = params.build_parser("test")
     params.add_prior_args(parser)
-    args = params.parse(parser, model_args(tiny, "unused", "--print_memory_plan", "gpu", *extra))
-    return {label: size for label, size, _ in memory_plan.build(args, "prior", False, "gpu", processes).phases["training"]}
+    return params.parse(parser, model_args(tiny, "unused", "--print_memory_plan", "gpu", *extra))
+
+
+def plan_items(tiny, processes, *extra):
+    plan = memory_plan.build(plan_args_of(tiny, *extra), "prior", False, "gpu", processes)
+    return {label: size for label, size, _ in plan.phases["training"]}
 
 
 @pytest.mark.parametrize("stage,divided", [("stage1", {"optimizer states"}),
@@ -144,3 +148,21 @@ def test_print_memory_plan_takes_the_process_count_from_the_launcher_variable(ti
                       env={"PADDLE_TRAINERS_NUM": "8"})
     assert "one of 8 processes, --sharding stage1" in proc.stderr
     assert re.search(r"optimizer states .*; 1/8 of [\d.]+ GB \(--sharding stage1\)", proc.stderr), proc.stderr
+
+
+def test_on_a_gpu_too_small_the_plan_names_the_sharding_stage_that_fits(tiny, monkeypatch):
+    import paddle
+
+    monkeypatch.setattr(paddle, "get_device", lambda: "gpu:0")  # the plan's GPU branch, on any machine
+
+    def peak(*extra):
+        return memory_plan.build(plan_args_of(tiny, *extra), "prior", False, "gpu", 2).peak
+
+    cached = ["--cache_encoder_outputs"]
+    assert peak(*cached) > peak(*cached, "--sharding", "stage1") > peak(*cached, "--sharding", "stage2")
+    for stage in "stage1", "stage2":
+        capacity = peak(*cached, "--sharding", stage)
+        assert memory_plan.fitting_flags(plan_args_of(tiny, *cached), "prior", False, capacity, 2).startswith(
+            f"it would fit with --sharding {stage} (")
+    # one process: nothing to shard, so sharding is never named
+    assert "--sharding" not in memory_plan.fitting_flags(plan_args_of(tiny, *cached), "prior", False, 0, 1)
