@@ -54,7 +54,11 @@ def clip_gradients(grads, max_norm):
 
 def release_optimizer_state(optimizer):
     """Free the optimizer's moments (8 bytes per trained parameter in AdamW) once no step and no checkpoint needs
-    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables."""
+    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables (those of
+    the AdamW inside a sharding wrapper)."""
+    from .sharding import innermost
+
+    optimizer = innermost(optimizer)
     for table in ("_accumulators", "_master_weights", "_accumulators_holder"):
         if isinstance(getattr(optimizer, table, None), dict):
             getattr(optimizer, table).clear()

@@ -59,16 +59,38 @@ def wrap(model, optimizer, precision, args):
     model, optimizer, scaler = group_sharded_parallel(model, optimizer, GPU_ONLY[args.sharding],
                                                       scaler=precision.scaler)
     precision.scaler = scaler if precision.scaler is not None else None
+    # Stage 2 keeps the gradients in buffers of its own and replaces clear_grad with one that zeroes them and takes
+    # no argument; the loop's clear_grad(set_to_zero=False) reaches it through this
+    clear = optimizer.clear_grad
+    optimizer.clear_grad = lambda set_to_zero=True: clear()
+    # ... and its set_state_dict hands the whole state to AdamW, which would keep every rank's part: keep this rank's
+    own = {name for name, rank in optimizer.param2rank.items() if rank == optimizer._rank}
+    restore = optimizer.set_state_dict
+    optimizer.set_state_dict = lambda state: restore(_part(state, own))
     return model, optimizer
+
+
+def _part(state, own):
+    """The entries of an optimizer state dict (keyed `<parameter name>_<accumulator>_0`, or by parameter name in
+    master_weights) that belong to the parameters named in `own`; the rest (the lr schedule's) as they are."""
+    def mine(key):
+        return key in own or any(key.startswith(f"{name}_") for name in own)
+
+    return {k: _part(v, own) if isinstance(v, dict) and k == "master_weights" else v for k, v in state.items()
+            if not isinstance(v, paddle.Tensor) or mine(k)}
+
+
+def innermost(optimizer):
+    """The paddle.optimizer.AdamW inside the sharding wrappers (fleet's: _inner_opt; group_sharded's: _optim)."""
+    while hasattr(optimizer, "_inner_opt") or hasattr(optimizer, "_optim"):
+        optimizer = getattr(optimizer, "_inner_opt", None) or optimizer._optim
+    return optimizer
 
 
 def accumulators(optimizer):
     """(tensor count, bytes) of the optimizer state this rank holds, read from the optimizer's own tables (the moments
     and beta powers Paddle created on this rank)."""
-    inner = optimizer
-    while hasattr(inner, "_inner_opt"):  # HybridParallelOptimizer, DygraphShardingOptimizer, ... -> AdamW
-        inner = inner._inner_opt
-    tensors = [t for table in inner._accumulators.values() for t in table.values()]
+    tensors = [t for table in innermost(optimizer)._accumulators.values() for t in table.values()]
     return len(tensors), sum(t.size * t.element_size() for t in tensors)
 
 
