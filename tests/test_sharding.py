@@ -1,30 +1,38 @@
 """--sharding: stage 1 on 2 CPU processes (gloo) trains the same weights as plain data parallelism, with gradient
 accumulation and clipping that clips, while each rank holds about half of AdamW's state; its checkpoints hold the whole
-optimizer state (gathered to rank 0), resume exactly, and resume on one process; stage 2 on a CPU is one error line;
-the memory plan divides what a stage shards by the number of processes."""
+optimizer state (gathered to rank 0), resume exactly after kill -9, and resume on one process; stage 2 on a CPU is one
+error line; the memory plan divides what a stage shards by the number of processes."""
+import contextlib
+import os
 import re
 import shutil
+import signal
 import sys
 
 import numpy as np
 import pytest
 
 from conftest import ROOT, model_args, run, run_script, state_dict_of
+from test_fault_runs import children, start, text_of, wait_for
 from kandinsky_finetune import memory_plan, params
 from kandinsky_finetune.checkpoint import load_state
 
 SCRIPT = "train_text_to_image_prior.py"
 # 8 samples, 2 ranks x batch 2 x 2 micro-batches: one optimizer step per epoch. A max_grad_norm of 0.01 clips every
 # step here (the test without clipping below shows it changes the weights)
-COMMON = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 2, "--gradient_accumulation_steps",
+COMMON = ["--max_train_steps", 12, "--checkpointing_steps", 2, "--train_batch_size", 2, "--gradient_accumulation_steps",
           2, "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--lr_warmup_steps", 1]
 
 
-def launch(tiny, tmp_path, name, *extra):
+def launch_command(tiny, out, logs, *extra):
+    return [str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
+                             logs, ROOT / SCRIPT, *model_args(tiny, out, *COMMON, *extra))]
+
+
+def launch(tiny, tmp_path, name, *extra, logs=None):
     """A 2-process launch into tmp_path/name; (output folder, rank 0's log)."""
-    out, logs = tmp_path / name, tmp_path / f"{name}-logs"
-    proc = run([str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
-                                 logs, ROOT / SCRIPT, *model_args(tiny, out, *COMMON, *extra))], cwd=tmp_path, check=False)
+    out, logs = tmp_path / name, tmp_path / (logs or f"{name}-logs")
+    proc = run(launch_command(tiny, out, logs, *extra), cwd=tmp_path, check=False)
     log0 = (logs / "workerlog.0").read_text()
     assert proc.returncode == 0, log0[-3000:] + (logs / "workerlog.1").read_text()[-3000:]
     return out, log0
@@ -58,7 +66,7 @@ def assert_same_optimizer_state(a, b, atol=1e-5):
 def test_stage1_trains_the_weights_of_data_parallel_and_checkpoints_the_whole_state(runs):
     (dp, _), (sharded, _) = runs["dp"], runs["sharded"]
     assert_same_weights(dp / "prior", sharded / "prior")
-    for step in (2, 4):
+    for step in (2, 12):
         assert_same_weights(dp / f"checkpoint-{step}" / "prior", sharded / f"checkpoint-{step}" / "prior")
         # rank 0 wrote every rank's shard: the checkpoint is the unsharded run's, key for key
         assert_same_optimizer_state(dp / f"checkpoint-{step}", sharded / f"checkpoint-{step}")
@@ -85,16 +93,23 @@ def test_stage1_clipping_clips(tiny, runs):
     assert any(np.abs(a[k] - b[k]).max() > 1e-4 for k in a)
 
 
-def test_sharded_resume_matches_the_uninterrupted_run(tiny, runs):
-    sharded, _ = runs["sharded"]
-    out = runs["tmp"] / "resumed"
-    out.mkdir()
-    shutil.copytree(sharded / "checkpoint-2", out / "checkpoint-2")  # as if the launch had been killed after step 2
-    _, log = launch(tiny, runs["tmp"], "resumed", "--max_grad_norm", 0.01, "--sharding", "stage1",
-                    "--resume_from_checkpoint", "latest")
-    assert f"resumed from {out / 'checkpoint-2'} at step 2" in log
+def test_kill_9_then_a_sharded_resume_matches_the_uninterrupted_run(tiny, runs):
+    sharded, tmp = runs["sharded"][0], runs["tmp"]
+    out, logs, flags = tmp / "killed", tmp / "killed-logs", ["--max_grad_norm", 0.01, "--sharding", "stage1"]
+    launcher = start(launch_command(tiny, out, logs, *flags), tmp / "killed.log", cwd=tmp)
+    worker0 = logs / "workerlog.0"
+    wait_for(lambda: worker0.exists() and "saved " in text_of(worker0), launcher, "the first checkpoint")
+    workers = children(launcher.pid)
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and, in case they left its process group, its workers
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    assert not (out / "model_index.json").exists(), "the run ended before the kill"
+    _, log = launch(tiny, tmp, "killed", *flags, "--resume_from_checkpoint", "latest", logs="resumed-logs")
+    assert re.search(r"resumed from \S+checkpoint-\d+ at step \d+", log), log[-2000:]
     assert_same_weights(sharded / "prior", out / "prior")
-    assert_same_optimizer_state(sharded / "checkpoint-4", out / "checkpoint-4")
+    assert_same_optimizer_state(sharded / "checkpoint-12", out / "checkpoint-12")
 
 
 def test_a_two_process_sharded_checkpoint_resumes_on_one_process(tiny, runs):
@@ -108,8 +123,8 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_process(tiny, runs):
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stderr
     assert "the checkpoint was written by 2 process(es), this run has 1: the optimizer state is whole" in proc.stderr
     # the whole optimizer state was restored and carried on (one process sees other batches: not the same weights)
-    state = load_state(str(out / "checkpoint-4"))["optimizer"]
-    assert state.keys() == load_state(str(sharded / "checkpoint-4"))["optimizer"].keys()
+    state = load_state(str(out / "checkpoint-12"))["optimizer"]
+    assert state.keys() == load_state(str(sharded / "checkpoint-12"))["optimizer"].keys()
 
 
 def test_stage2_on_a_cpu_is_one_error_line_before_anything_loads(tiny, tmp_path):
