@@ -181,3 +181,23 @@ def test_on_a_gpu_too_small_the_plan_names_the_sharding_stage_that_fits(tiny, mo
             f"it would fit with --sharding {stage} (")
     # one process: nothing to shard, so sharding is never named
     assert "--sharding" not in memory_plan.fitting_flags(plan_args_of(tiny, *cached), "prior", False, 0, 1)
+
+
+@pytest.mark.parametrize("script,saved", [("train_text_to_image_decoder.py", "unet"),  # the whole UNet, with EMA
+                                          ("train_text_to_image_decoder_lora.py", "")])  # its LoRA layers
+def test_the_other_scripts_shard_too(tiny, tmp_path, script, saved):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    extra = ["--use_ema"] if saved else []
+    proc = run([str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
+                                 logs, ROOT / script, *model_args(tiny, out, "--max_train_steps", 2, "--checkpointing_steps",
+                                                                  2, "--train_batch_size", 2, "--sharding", "stage1", *extra))],
+               cwd=tmp_path, check=False)
+    log = (logs / "workerlog.0").read_text()
+    assert proc.returncode == 0, log[-3000:] + (logs / "workerlog.1").read_text()[-3000:]
+    trained = len(state_dict_of(out / saved))  # the trained tensors, as saved
+    counts = [int(n) for n in re.findall(r"rank \d [\d.]+ MB in (\d+) tensors", log)]
+    assert len(counts) == 2 and sum(counts) == 4 * trained  # two moments and two beta powers per trained tensor
+    assert all(count < 3 * trained for count in counts)  # split, not copied
+    state = load_state(str(out / "checkpoint-2"))
+    assert len([k for k in state["optimizer"] if "moment" in k]) == 2 * trained  # every rank's, in rank 0's checkpoint
+    assert (state["ema"] is not None) == bool(extra)
