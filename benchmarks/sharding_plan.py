@@ -51,11 +51,13 @@ def table(kind, repos, common):
     for stage in STAGES:
         for checkpointing in (False, True):
             for cached in (False, True):
-                flags = common + (["--sharding", stage] if stage else []) + \
-                    (["--gradient_checkpointing"] if checkpointing else []) + (["--cache_encoder_outputs"] if cached else [])
+                flags = [*common, *(["--sharding", stage] if stage else []),
+                         *(["--gradient_checkpointing"] if checkpointing else []),
+                         *(["--cache_encoder_outputs"] if cached else [])]
                 args = plan_args(kind, repos, flags)
                 peaks = [memory_plan.build(args, kind, False, "gpu", n).peak / memory_plan.GB for n in CARDS]
-                lines.append(f"| {stage or 'none'} | {'yes' if checkpointing else 'no'} | {'yes' if cached else 'no'} | "
+                yes_no = ["yes" if on else "no" for on in (checkpointing, cached)]
+                lines.append(f"| {stage or 'none'} | {' | '.join(yes_no)} | "
                              + " | ".join(f"{p:.1f} GB" for p in peaks) + " |")
     return "\n".join(lines)
 

@@ -184,7 +184,8 @@ def build(args, kind, lora, device=None, processes=1):
 
     plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
                 + (f", {args.resolution} px" if kind == "decoder" else "")
-                + (f", one of {processes} processes" if processes > 1 else "") + (f", --sharding {stage}" if stage else ""))
+                + (f", one of {processes} processes" if processes > 1 else "")
+                + (f", --sharding {stage}" if stage else ""))
     if cached:
         plan.phases["encoding"] = weights + [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
     plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, reading_ahead, runtime]

@@ -10,7 +10,8 @@ from .training import plan_steps
 
 def build_optimizer(parameters, args, sampler):
     """(optimizer, lr_scheduler). Clipping is not the optimizer's (see clip_gradients), but with --sharding: the
-    gradients are reduced inside the sharded step, and Paddle makes the optimizer's clip use the norm over all shards."""
+    gradients are reduced inside the sharded step, and Paddle makes the optimizer's clip use the norm over all
+    shards."""
     from ppdiffusers.optimization import get_scheduler
 
     max_train_steps = plan_steps(sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs,

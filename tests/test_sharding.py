@@ -24,9 +24,9 @@ COMMON = ["--max_train_steps", 12, "--checkpointing_steps", 2, "--train_batch_si
           2, "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--lr_warmup_steps", 1]
 
 
-def launch_command(tiny, out, logs, *extra):
+def launch_command(tiny, out, logs, *extra, script=SCRIPT, common=COMMON):
     return [str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
-                             logs, ROOT / SCRIPT, *model_args(tiny, out, *COMMON, *extra))]
+                             logs, ROOT / script, *model_args(tiny, out, *common, *extra))]
 
 
 def launch(tiny, tmp_path, name, *extra, logs=None):
@@ -42,8 +42,8 @@ def launch(tiny, tmp_path, name, *extra, logs=None):
 def runs(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharding")
     clip = ["--max_grad_norm", 0.01]
-    return {"dp": launch(tiny, tmp, "dp", *clip), "sharded": launch(tiny, tmp, "sharded", *clip, "--sharding", "stage1"),
-            "tmp": tmp}
+    return {"dp": launch(tiny, tmp, "dp", *clip), "tmp": tmp,
+            "sharded": launch(tiny, tmp, "sharded", *clip, "--sharding", "stage1")}
 
 
 def assert_same_weights(a, b, atol=1e-5):
@@ -188,9 +188,8 @@ def test_on_a_gpu_too_small_the_plan_names_the_sharding_stage_that_fits(tiny, mo
 def test_the_other_scripts_shard_too(tiny, tmp_path, script, saved):
     out, logs = tmp_path / "out", tmp_path / "logs"
     extra = ["--use_ema"] if saved else []
-    proc = run([str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
-                                 logs, ROOT / script, *model_args(tiny, out, "--max_train_steps", 2, "--checkpointing_steps",
-                                                                  2, "--train_batch_size", 2, "--sharding", "stage1", *extra))],
+    common = ["--max_train_steps", 2, "--checkpointing_steps", 2, "--train_batch_size", 2]
+    proc = run(launch_command(tiny, out, logs, "--sharding", "stage1", *extra, script=script, common=common),
                cwd=tmp_path, check=False)
     log = (logs / "workerlog.0").read_text()
     assert proc.returncode == 0, log[-3000:] + (logs / "workerlog.1").read_text()[-3000:]
