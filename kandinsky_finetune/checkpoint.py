@@ -192,6 +192,7 @@ class Checkpointer:
         step = self.restore(run.resume_path, run.resume_state)
         log(f"resumed from {run.resume_path} at step {step}")
         written_by = run.resume_state.get("processes", run.ctx.world_size)
+        run.resume_state = None  # what the optimizer and EMA did not take is freed now, not at the end of the run
         if written_by != run.ctx.world_size:  # works: every checkpoint holds the whole optimizer state
             log(f"the checkpoint was written by {written_by} process(es), this run has {run.ctx.world_size}: the "
                 f"optimizer state is whole, but from here on each step sees other batches than a {written_by}-process "
@@ -265,15 +266,21 @@ def write_state(state, folder):
     paddle.save(skeleton, os.path.join(folder, STATE_FILE))
 
 
-def load_state(path):
-    """The training state written by `write_state` (or, from older checkpoints, pickled whole)."""
+def load_state(path, mapped_optimizer=False):
+    """The training state written by `write_state` (or, from older checkpoints, pickled whole). With
+    `mapped_optimizer`, the optimizer's tensors are read-only memory maps of the file, read only when the optimizer
+    takes them: a sharded run's process reads its own part of the moments, not every process all of them (and none
+    of them sits on the device before the optimizer does)."""
     state = paddle.load(os.path.join(path, STATE_FILE))
     tensors_file = os.path.join(path, STATE_TENSORS)
     if not os.path.isfile(tensors_file):
         return state
-    from .tensor_files import read_safetensors
+    from .tensor_files import map_safetensors, read_safetensors
 
-    tensors = read_safetensors(tensors_file)
+    optimizer = "/optimizer/"
+    tensors = read_safetensors(tensors_file, skip=lambda name: mapped_optimizer and name.startswith(optimizer))
+    if mapped_optimizer:
+        tensors.update((k, v) for k, v in map_safetensors(tensors_file).items() if k.startswith(optimizer))
     return _join(state, tensors.__getitem__)
 
 

@@ -434,7 +434,7 @@ def start_run(args, kind, lora):
     resume_path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         log(f"no checkpoint in {args.output_dir} yet: starting a new run")
-    resume_state = checkpoint.load_state(resume_path) if resume_path else None
+    resume_state = checkpoint.load_state(resume_path, mapped_optimizer=True) if resume_path else None
     if resume_state is not None:
         seed = resume_state["seed"]
     paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed

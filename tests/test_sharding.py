@@ -127,6 +127,18 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_process(tiny, runs):
     assert state.keys() == load_state(str(sharded / "checkpoint-12"))["optimizer"].keys()
 
 
+def test_a_resume_maps_the_optimizer_state_instead_of_reading_it(runs):
+    """A run loads a checkpoint's optimizer tensors as memory maps of the file, with the same values: each rank's
+    sharding optimizer reads the part it takes, when it takes it."""
+    checkpoint = str(runs["sharded"][0] / "checkpoint-2")
+    mapped, read = load_state(checkpoint, mapped_optimizer=True)["optimizer"], load_state(checkpoint)["optimizer"]
+    assert mapped.keys() == read.keys()
+    tensors = [k for k, v in read.items() if hasattr(v, "numpy")]
+    assert tensors and all(isinstance(mapped[k], np.memmap) for k in tensors)
+    for k in tensors:
+        np.testing.assert_array_equal(np.asarray(mapped[k]), read[k].numpy())
+
+
 def test_stage2_on_a_cpu_is_one_error_line_before_anything_loads(tiny, tmp_path):
     out = tmp_path / "out"
     proc = run_script(SCRIPT, *model_args(tiny, out, "--sharding", "stage2"), check=False)
