@@ -58,7 +58,7 @@ def wrap(model, optimizer, precision, args):
 
     model, optimizer, scaler = group_sharded_parallel(model, optimizer, GPU_ONLY[args.sharding],
                                                       scaler=precision.scaler)
-    precision.scaler = scaler if precision.scaler is not None else None
+    precision.scaler = scaler  # (GroupShardedScaler around an fp16 loss scaler, or None)
     # Stage 2 keeps the gradients in buffers of its own and replaces clear_grad with one that zeroes them and takes
     # no argument; the loop's clear_grad(set_to_zero=False) reaches it through this
     clear = optimizer.clear_grad
