@@ -1,5 +1,5 @@
 """Checkpoints: `output_dir/checkpoint-<N>/` = model weights (loadable with `from_pretrained`) plus
-`training_state.pdparams` (optimizer, lr schedule, EMA, loss scaler, step, seed).
+`training_state.pdparams` (optimizer, lr schedule, EMA, loss scaler, step, seed, number of processes).
 
 Nothing is ever half-written under a name a later run or a user would load. A checkpoint is written into
 `.tmp-checkpoint-<N>`, synced to disk, and renamed to `checkpoint-<N>` when complete; rotation deletes old
