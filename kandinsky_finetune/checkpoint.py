@@ -1,5 +1,5 @@
 """Checkpoints: `output_dir/checkpoint-<N>/` = model weights (loadable with `from_pretrained`) plus
-`training_state.pdparams` (optimizer, lr schedule, EMA, loss scaler, step, seed).
+`training_state.pdparams` (optimizer, lr schedule, EMA, loss scaler, step, seed, number of processes).
 
 Nothing is ever half-written under a name a later run or a user would load. A checkpoint is written into
 `.tmp-checkpoint-<N>`, synced to disk, and renamed to `checkpoint-<N>` when complete; rotation deletes old
@@ -17,6 +17,7 @@ import paddle
 
 from .faults import RunError, first_line, is_write_error
 from .params import UsageError
+from .sharding import is_tensor
 
 PREFIX = "checkpoint-"
 STATE_FILE = "training_state.pdparams"  # step, seed, schedules; written last of all, so it marks a complete checkpoint
@@ -50,18 +51,26 @@ def remove_partial(output_dir, log):
             _remove(os.path.join(output_dir, name))
 
 
-def save(output_dir, step, write_weights, state, total_limit=None):
+def save(output_dir, step, write_weights, state, total_limit=None, alone=None):
     """Write checkpoint-<step> atomically: `write_weights(folder)` saves the model(s), `state` goes to STATE_FILE;
-    then keep the `total_limit` newest (the new one always among them)."""
+    then keep the `total_limit` newest (the new one always among them). All after the state runs as `alone(work)`."""
+    from .faults import injected_delay
+
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     tmp = os.path.join(output_dir, f"{TMP}{PREFIX}{step}")
-    with _writing(tmp, f"checkpoint {final}", output_dir):
+
+    def weights_and_publish():
+        injected_delay("checkpoint")
         write_weights(tmp)
-        write_state(state, tmp)
         _sync(tmp)
         _discard(final)  # e.g. a resumed run reaching the same step again
         os.rename(tmp, final)
         _sync_dir(output_dir)
+
+    with _writing(tmp, f"checkpoint {final}", output_dir):
+        # the state first: with --sharding the other ranks send their optimizer shards while it is written
+        write_state(state, tmp)
+        (alone or (lambda work: work()))(weights_and_publish)
     if total_limit is not None:
         older = [path for _, path in list_checkpoints(output_dir) if path != final]
         for path in older[:max(0, len(older) - (total_limit - 1))]:
@@ -165,11 +174,26 @@ class Checkpointer:
         self.save_weights, self.load_weights = save_weights, load_weights
         self.optimizer, self.lr_scheduler, self.precision, self.ema = optimizer, lr_scheduler, precision, ema
 
-    def save(self, step):
-        state = {"global_step": step, "seed": self.seed, "optimizer": self.optimizer.state_dict(),
+    def save(self, step, alone=None):
+        """checkpoint-<step>, written by rank 0; with --sharding every rank calls it, the others send their part
+        of the optimizer state (sharding.py; the checkpoint holds all of it) and return None. What rank 0 then
+        writes by itself (the weights, and publishing the folder) runs as `alone(work)` (distributed.on_rank_0,
+        which the other ranks join)."""
+        alone = alone or (lambda work: work())
+        if getattr(self.args, "sharding", None):
+            from . import sharding
+
+            optimizer = sharding.gathered_state(self.optimizer)
+            if paddle.distributed.get_rank() != 0:
+                sharding.take_part(optimizer)
+                return alone(lambda: None)
+        else:
+            optimizer = self.optimizer.state_dict()
+        state = {"global_step": step, "seed": self.seed, "processes": paddle.distributed.get_world_size(),
+                 "optimizer": optimizer,
                  "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.precision.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
-        return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit)
+        return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit, alone)
 
     def resume(self, run, log):
         """Restore the checkpoint `training.start_run` found, if any; return the step to continue from."""
@@ -177,6 +201,12 @@ class Checkpointer:
             return 0
         step = self.restore(run.resume_path, run.resume_state)
         log(f"resumed from {run.resume_path} at step {step}")
+        written_by = run.resume_state.get("processes", run.ctx.world_size)
+        run.resume_state = None  # what the optimizer and EMA did not take is freed now, not at the end of the run
+        if written_by != run.ctx.world_size:  # works: every checkpoint holds the whole optimizer state
+            log(f"the checkpoint was written by {written_by} process(es), this run has {run.ctx.world_size}: the "
+                f"optimizer state is whole, but from here on each step sees other batches than a {written_by}-process "
+                "run would")
         return step
 
     def restore(self, path, state):
@@ -246,21 +276,27 @@ def write_state(state, folder):
     paddle.save(skeleton, os.path.join(folder, STATE_FILE))
 
 
-def load_state(path):
-    """The training state written by `write_state` (or, from older checkpoints, pickled whole)."""
+def load_state(path, mapped_optimizer=False):
+    """The training state written by `write_state` (or, from older checkpoints, pickled whole). With
+    `mapped_optimizer`, the optimizer's tensors are read-only memory maps of the file, read only when the optimizer
+    takes them: a sharded run's process reads its own part of the moments, not every process all of them (and none
+    of them sits on the device before the optimizer does)."""
     state = paddle.load(os.path.join(path, STATE_FILE))
     tensors_file = os.path.join(path, STATE_TENSORS)
     if not os.path.isfile(tensors_file):
         return state
-    from .tensor_files import read_safetensors
+    from .tensor_files import map_safetensors, read_safetensors
 
-    tensors = read_safetensors(tensors_file)
+    optimizer = "/optimizer/"
+    tensors = read_safetensors(tensors_file, skip=lambda name: mapped_optimizer and name.startswith(optimizer))
+    if mapped_optimizer:
+        tensors.update((k, v) for k, v in map_safetensors(tensors_file).items() if k.startswith(optimizer))
     return _join(state, tensors.__getitem__)
 
 
 def _split(obj, path, tensors):
     """`obj` with each tensor replaced by {_TENSOR: its path}, the tensors collected in `tensors` by path."""
-    if isinstance(obj, paddle.Tensor):
+    if is_tensor(obj):
         tensors[path] = obj
         return {_TENSOR: path}
     if isinstance(obj, dict):

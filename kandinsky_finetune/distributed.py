@@ -54,6 +54,12 @@ def setup(local_rank=-1):
                    device=paddle.get_device())
 
 
+def planned():
+    """Who we are from the launcher's environment, without starting the process group (the memory plan alone)."""
+    return Context(rank=int(os.environ.get("PADDLE_TRAINER_ID", "0")),
+                   world_size=int(os.environ.get("PADDLE_TRAINERS_NUM", "1")), device=paddle.get_device())
+
+
 def wrap(model, ctx):
     """DataParallel on several cards; the bare model on one."""
     return paddle.DataParallel(model) if ctx.world_size > 1 else model

@@ -13,6 +13,8 @@ GB = 1e9
 # cards); on a CPU the Python process with paddle, ppdiffusers and datasets imported (0.57 GB measured here).
 RUNTIME = {"gpu": 1.0 * GB, "cpu": 0.6 * GB}
 ADAMW_STATES = 2  # first and second moment per trained parameter, fp32
+# what each --sharding stage divides by the number of processes (sharding.py runs them)
+SHARDED = {"stage1": ("optimizer states",), "stage2": ("optimizer states", "gradients")}
 
 
 @dataclass
@@ -115,9 +117,10 @@ def encoding_activations(models, encoders):
 
 
 # ---------------------------------------------------------------- the plan
-def build(args, kind, lora, device=None):
+def build(args, kind, lora, device=None, processes=1):
     """The plan of a run of the `kind` ("prior" or "decoder") script, full or LoRA, from the repos' configs, on
-    `device` ("gpu" or "cpu"; default: this process's device)."""
+    `device` ("gpu" or "cpu"; default: this process's device), for one of `processes` (--sharding divides what its
+    stage shards by their number)."""
     import paddle
     from ppdiffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -156,14 +159,22 @@ def build(args, kind, lora, device=None):
     if lora:
         weights.append(("frozen base model", frozen_bytes * counts[trained_model],
                         f"the {trained_model}, {counts[trained_model]:,} parameters"))
-    optimizer = [("optimizer states", ADAMW_STATES * 4 * trained, "AdamW: two moments, fp32")]
+    stage = getattr(args, "sharding", None) if processes > 1 else None
+    sharded = SHARDED.get(stage, ())
+
+    def share(label, size, note):  # this process's part of what --sharding divides
+        if label not in sharded:
+            return label, size, note
+        return label, size // processes, f"{note}; 1/{processes} of {size / GB:.2f} GB (--sharding {stage})"
+
+    optimizer = [share("optimizer states", ADAMW_STATES * 4 * trained, "AdamW: two moments, fp32")]
     if getattr(args, "use_ema", False):
         optimizer.append(("EMA", 4 * trained, "a copy of the trained weights"))
     encoder_bytes = frozen_bytes * sum(counts[n] for n in encoders)
     frozen = ("frozen encoders", 0 if cached else encoder_bytes,
               ("released after encoding (--cache_encoder_outputs); " if cached else "") + " + ".join(encoders))
     runtime = ("runtime", RUNTIME["gpu" if gpu else "cpu"], "CUDA context" if gpu else "the Python process")
-    grads = ("gradients", 4 * trained, "fp32, freed between steps")
+    grads = share("gradients", 4 * trained, "fp32, freed between steps")
     acts = ("activations", activations, f"estimate, batch {batch}" +
             (", gradient checkpointing" if args.gradient_checkpointing else ""))
     # the prior scripts encode the next batch while the step runs (prefetch.py)
@@ -172,7 +183,9 @@ def build(args, kind, lora, device=None):
                      "estimate, encoded while the step runs" if ahead else "encoded before the step, not during it")
 
     plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
-                + (f", {args.resolution} px" if kind == "decoder" else ""))
+                + (f", {args.resolution} px" if kind == "decoder" else "")
+                + (f", one of {processes} processes" if processes > 1 else "")
+                + (f", --sharding {stage}" if stage else ""))
     if cached:
         plan.phases["encoding"] = weights + [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
     plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, reading_ahead, runtime]
@@ -185,11 +198,11 @@ def build(args, kind, lora, device=None):
     return plan
 
 
-def report(args, kind, lora, log, device=None):
+def report(args, kind, lora, log, device=None, processes=1):
     """Log the plan before any weights load; on a GPU, compare it with the device's memory and name the flags that
     would make it fit. A plan that cannot be computed, or a memory size that cannot be read, is one line."""
     try:
-        plan = build(args, kind, lora, device)
+        plan = build(args, kind, lora, device, processes)
     except Exception as e:  # an unknown model class, a missing config: the run goes on without a plan
         log.warn(f"no memory plan: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         return None
@@ -206,27 +219,31 @@ def report(args, kind, lora, log, device=None):
         return plan
     if plan.peak > capacity:
         log.warn(f"the plan needs {plan.peak / GB:.1f} GB, this GPU has {capacity / GB:.1f} GB: "
-                 + fitting_flags(args, kind, lora, capacity))
+                 + fitting_flags(args, kind, lora, capacity, processes))
     return plan
 
 
-def fitting_flags(args, kind, lora, capacity):
+def fitting_flags(args, kind, lora, capacity, processes=1):
     """The smallest set of memory-saving flags (in the order they cost least) whose plan fits `capacity`."""
     import copy
 
-    options = [("--cache_encoder_outputs", "cache_encoder_outputs", True),
+    # with several processes, sharding costs communication, not compute: tried right after the cache
+    stages = [(f"--sharding {stage}", "sharding", stage) for stage in SHARDED] if processes > 1 else []
+    options = [("--cache_encoder_outputs", "cache_encoder_outputs", True), *stages,
                ("--gradient_checkpointing", "gradient_checkpointing", True),
                ("--mixed_precision fp16", "mixed_precision", "fp16"),
                ("--train_batch_size 1", "train_batch_size", 1)]
-    trial, chosen = copy.copy(args), []
+    trial, chosen = copy.copy(args), {}  # {setting: flag}; a later stage replaces an earlier one in place
     for flag, name, value in options:
-        if getattr(trial, name) == value:
+        current = getattr(trial, name, None)
+        if current == value or name == "sharding" and current and list(SHARDED).index(current) > list(
+                SHARDED).index(value):
             continue
         setattr(trial, name, value)
-        chosen.append(flag)
-        peak = build(trial, kind, lora).peak
+        chosen[name] = flag
+        peak = build(trial, kind, lora, processes=processes).peak
         if peak <= capacity:
-            return f"it would fit with {' '.join(chosen)} ({peak / GB:.1f} GB)"
+            return f"it would fit with {' '.join(chosen.values())} ({peak / GB:.1f} GB)"
     script = f"train_text_to_image_{kind}_lora.py" if not lora else None
-    return (f"even {' '.join(chosen)} needs {peak / GB:.1f} GB" +
+    return (f"even {' '.join(chosen.values())} needs {peak / GB:.1f} GB" +
             (f"; try LoRA ({script})" if script else "; try a GPU with more memory"))

@@ -9,7 +9,9 @@ from .training import plan_steps
 
 
 def build_optimizer(parameters, args, sampler):
-    """(optimizer, lr_scheduler). Clipping is not the optimizer's (see clip_gradients)."""
+    """(optimizer, lr_scheduler). Clipping is not the optimizer's (see clip_gradients), but with --sharding: the
+    gradients are reduced inside the sharded step, and Paddle makes the optimizer's clip use the norm over all
+    shards."""
     from ppdiffusers.optimization import get_scheduler
 
     max_train_steps = plan_steps(sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs,
@@ -17,9 +19,11 @@ def build_optimizer(parameters, args, sampler):
     # The schedule counts optimizer steps, the unit of --lr_warmup_steps and --max_train_steps.
     lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps)
+    sharded_clip = getattr(args, "sharding", None) and args.max_grad_norm > 0
+    grad_clip = paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if sharded_clip else None
     optimizer = paddle.optimizer.AdamW(learning_rate=lr_scheduler, parameters=parameters, beta1=args.adam_beta1,
                                        beta2=args.adam_beta2, epsilon=args.adam_epsilon,
-                                       weight_decay=args.adam_weight_decay)
+                                       weight_decay=args.adam_weight_decay, grad_clip=grad_clip)
     return optimizer, lr_scheduler
 
 
@@ -51,7 +55,11 @@ def clip_gradients(grads, max_norm):
 
 def release_optimizer_state(optimizer):
     """Free the optimizer's moments (8 bytes per trained parameter in AdamW) once no step and no checkpoint needs
-    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables."""
+    them. Paddle has no public call for it: its accumulators are dropped from the optimizer's own tables (those of
+    the AdamW inside a sharding wrapper)."""
+    from .sharding import innermost
+
+    optimizer = innermost(optimizer)
     for table in ("_accumulators", "_master_weights", "_accumulators_holder"):
         if isinstance(getattr(optimizer, table, None), dict):
             getattr(optimizer, table).clear()

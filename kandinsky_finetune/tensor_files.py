@@ -40,9 +40,20 @@ def write_safetensors(tensors, path, metadata=None):
             tensor.numpy().tofile(f)  # (a bfloat16 tensor comes out as its raw 16-bit words)
 
 
-def read_safetensors(path):
-    """{name: tensor} of a safetensors file, read a tensor at a time (on the current device)."""
-    return {name: paddle.to_tensor(array) for name, array in _arrays(path, safetensors_header(path))}
+def read_safetensors(path, skip=lambda name: False):
+    """{name: tensor} of a safetensors file (but the names `skip` says), read a tensor at a time (on the current
+    device)."""
+    header = {k: v for k, v in safetensors_header(path).items() if not skip(k)}
+    return {name: paddle.to_tensor(array) for name, array in _arrays(path, header)}
+
+
+def map_safetensors(path):
+    """{name: read-only numpy memory map} of a safetensors file: nothing is read until an array is used."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    header = safetensors_header(path)
+    return {name: np.memmap(path, dtype=_SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + length + info[
+        "data_offsets"][0], shape=tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"}
 
 
 def _arrays(path, header):

@@ -215,11 +215,17 @@ class Loop:
         self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
         self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
             sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
+        if args.sharding:  # before resuming: each rank's sharding optimizer takes its own part of the saved state
+            from . import sharding
+
+            model, self.optimizer = sharding.wrap(model, optimizer, self.precision, args)
+            checkpointer.optimizer = self.optimizer
         self.global_step = checkpointer.resume(run, self.log)
+        self._first_step = self.global_step + 1
         # From here on a stop signal becomes a checkpoint; once rank 0 is past the barrier, on every rank
         self.stop = faults.StopRequest().install()
         distributed.barrier(self.ctx)
-        self.model = distributed.wrap(model, self.ctx)
+        self.model = model if args.sharding else distributed.wrap(model, self.ctx)
         prepare_output_dir(args.output_dir, self.ctx, self.log)
         self.tracker = tracking.Tracker(args, self.ctx.is_main)
         self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
@@ -290,9 +296,11 @@ class Loop:
         step = self.global_step + 1
         grads = [p.grad for p in self.trainable]
         self.precision.unscale(self.optimizer)
-        # Clipping computes the global norm anyway: it is the finite check; without clipping, a pass of its own
+        # Clipping computes the global norm anyway: it is the finite check; without clipping, a pass of its own.
+        # With --sharding the optimizer clips (sharding.wrap): here each rank's own, unreduced gradients are checked
         max_norm = self.args.max_grad_norm
-        grads_finite = clip_gradients(grads, max_norm) if max_norm > 0 else faults.all_finite(grads)
+        clip_here = max_norm > 0 and not self.args.sharding
+        grads_finite = clip_gradients(grads, max_norm) if clip_here else faults.all_finite(grads)
         loss, bad_grads, stop = distributed.sum_across_ranks(
             [self._loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
         loss /= self.ctx.world_size
@@ -300,6 +308,10 @@ class Loop:
         if warning:
             self.log.warn(warning)
         self.precision.step(self.optimizer)
+        if self.args.sharding and step == self._first_step:
+            from .sharding import log_shares
+
+            log_shares(self.optimizer, self.log)
         self.lr_scheduler.step()
         # Gradients are freed, not zeroed: between steps (checkpoints, validation) their memory is free
         self.optimizer.clear_grad(set_to_zero=False)
@@ -322,19 +334,21 @@ class Loop:
             raise faults.Stopped(signum)
 
     def _checkpoint(self):
-        """checkpoint-<step>, written by rank 0 while the others wait; returns its path (None on other ranks)."""
+        """checkpoint-<step>, written by rank 0 while the others wait (with --sharding they first send it their
+        optimizer shards); returns its path (None on other ranks)."""
         from .distributed import on_rank_0
 
         self._check_weights()
-        return on_rank_0(f"writing checkpoint-{self.global_step}", self._write_checkpoint, self.ctx)
+        what = f"writing checkpoint-{self.global_step}"
+        if self.args.sharding:  # every rank takes part in writing the optimizer state; the rest is rank 0's alone
+            return self._write_checkpoint(alone=lambda work: on_rank_0(what, work, self.ctx))
+        return on_rank_0(what, self._write_checkpoint, self.ctx)
 
-    def _write_checkpoint(self):
-        from .faults import injected_delay
-
+    def _write_checkpoint(self, alone=None):
         with self.clock.phase("checkpointing"):
-            injected_delay("checkpoint")
-            path = self.checkpointer.save(self.global_step)
-        self.log(f"saved {path}")
+            path = self.checkpointer.save(self.global_step, alone)
+        if path:
+            self.log(f"saved {path}")
         return path
 
     def _check_weights(self):
@@ -424,16 +438,20 @@ def start_run(args, kind, lora):
 
     clock = tracking.Stopwatch()
     tracking.quiet_libraries()
-    ctx = distributed.setup(args.local_rank)
+    # a plan alone starts no process group: PADDLE_TRAINERS_NUM=8 sizes each of 8 cards without launching 8 processes
+    ctx = distributed.setup(args.local_rank) if not args.print_memory_plan else distributed.planned()
     log = tracking.Log(ctx.is_main)
-    from . import memory_plan
+    from . import memory_plan, sharding
 
+    if not args.print_memory_plan:  # (a plan may be for a GPU and more processes than this machine has)
+        sharding.check(args, ctx, log)
     plan = memory_plan.report(args, kind, lora, log, device=None if args.print_memory_plan in (None, "here")
-                              else args.print_memory_plan)
+                              else args.print_memory_plan, processes=ctx.world_size)
     if args.print_memory_plan:  # all that was asked for
         if plan is None:
             raise UsageError("--print_memory_plan: the plan cannot be computed (see the warning above)")
         raise SystemExit(0)
+    sharding.init(args, ctx)
     if not on_gpu():
         from .cpu_threads import decided
 
@@ -451,7 +469,7 @@ def start_run(args, kind, lora):
     resume_path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         log(f"no checkpoint in {args.output_dir} yet: starting a new run")
-    resume_state = checkpoint.load_state(resume_path) if resume_path else None
+    resume_state = checkpoint.load_state(resume_path, mapped_optimizer=True) if resume_path else None
     check_every_rank_resumes_alike(args, resume_state, ctx)
     if resume_state is not None:
         seed = resume_state["seed"]
