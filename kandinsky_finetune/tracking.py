@@ -80,7 +80,17 @@ class Tracker:
             self.writer.log({tag: [wandb.Image(im) for im in images]}, step=step)
             return
         for i, image in enumerate(images):
-            self.writer.add_image(f"{tag}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.image(f"{tag}/{i}", image, step)
+
+    def image(self, tag, image, step):
+        if self.writer is None:
+            return
+        if self.kind == "wandb":
+            import wandb
+
+            self.writer.log({tag: wandb.Image(image)}, step=step)
+            return
+        self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self):
         if self.writer is None:

@@ -210,6 +210,7 @@ class Loop:
         from . import distributed, faults, tracking
 
         self.args, self.ctx, self.log, self.precision, self.clock = args, run.ctx, run.log, run.precision, run.clock
+        self.run = run  # (for the model card)
         self.trainable, self.optimizer, self.lr_scheduler, self.ema = trainable, optimizer, lr_scheduler, ema
         self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
         self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
@@ -349,9 +350,10 @@ class Loop:
 
     def finish(self, save, validate):
         """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
-        returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
+        returns what it saved, for the log) and the model card moved into output_dir by `checkpoint.publish`, the
+        upload (if asked).
         Every rank waits for it, so none exits while rank 0 still writes."""
-        from . import checkpoint, distributed, hub
+        from . import checkpoint, distributed, hub, model_card
         from .optimization import release_optimizer_state
         from .validation import prompts
 
@@ -367,9 +369,10 @@ class Loop:
                 if prompts(self.args):
                     self._validate(validate)
                 with self.clock.phase("saving"):
-                    what = checkpoint.publish(self.args.output_dir, save)
+                    what = checkpoint.publish(self.args.output_dir,
+                                              model_card.with_card(save, self.args, self.run, self.global_step))
                 self.log(f"saved {what} to {self.args.output_dir}")
-                if self.args.push_to_hub:
+                if self.args.push_to_hub or self.args.save_to_aistudio:
                     hub.upload(self.args, self.log)
         finally:
             self._close()
@@ -405,7 +408,7 @@ def start_run(args, kind, lora):
         if decided:
             log(f"CPU: {decided[0]} thread(s) per process for Paddle's kernels ({decided[1]})")
     tracking.check_available(args.report_to)
-    if args.push_to_hub and ctx.is_main:
+    if (args.push_to_hub or args.save_to_aistudio) and ctx.is_main:
         from . import hub
 
         hub.check_access(args)
@@ -421,7 +424,7 @@ def start_run(args, kind, lora):
         seed = resume_state["seed"]
     paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
     return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
-                           resume_state=resume_state, clock=clock)
+                           resume_state=resume_state, clock=clock, kind=kind, lora=lora)
 
 
 def prepare_output_dir(output_dir, ctx, log):
