@@ -36,9 +36,10 @@ def write(folder, args, kind, lora, step, world_size, seed):
 
 
 def hub_id(repo):
-    """`repo` if it is a hub id (user/name), else None: a local folder means nothing to a hub reader, and the Hugging
-    Face Hub rejects a card whose base_model is not a model id."""
-    return repo if re.fullmatch(r"[\w.-]+/[\w.-]+", repo or "") else None
+    """`repo` if it is written as a hub id (user/name), else None: a local folder means nothing to a hub reader, and
+    the Hugging Face Hub rejects a card whose base_model is not a model id. (A local user/name folder, the layout of a
+    mirrored hub repo, counts as that hub id.)"""
+    return repo if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo or "") else None
 
 
 def front_matter(args, kind, lora):
