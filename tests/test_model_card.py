@@ -46,7 +46,7 @@ def front_matter(card):
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_each_output_has_a_card_whose_loading_code_runs(script, user_folder, monkeypatch):
+def test_each_output_has_a_card_whose_loading_code_runs(script, user_folder, monkeypatch, capsys):
     module, lora, validation_flags, per_prompt = SCRIPTS[script]
     kind = script.split("_")[0]
     monkeypatch.chdir(user_folder)
@@ -55,6 +55,10 @@ def test_each_output_has_a_card_whose_loading_code_runs(script, user_folder, mon
                  "--max_train_steps", "1", "--checkpointing_steps", "1", "--num_inference_steps", "2",
                  *validation_flags])
     card = (out / "README.md").read_text(encoding="utf-8")
+    saved = re.search(r"saved .*, with its model card \(README.md\)", capsys.readouterr().err)
+    assert saved, "no 'saved' line"
+    if not lora:  # what cost new bytes, what is linked
+        assert re.search(r"\(\d+\.\d+ MB written, \d+\.\d+ MB hard-linked from the source repos\)", saved.group(0))
 
     expected = {"license": "apache-2.0", "base_model": [DECODER if kind == "decoder" else PRIOR],
                 **({"prior": [PRIOR]} if kind == "decoder" else {}),  # a prior output is itself a prior
