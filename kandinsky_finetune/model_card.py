@@ -20,19 +20,20 @@ def with_card(save, args, run, step):
     published with the model or not at all, and never go into checkpoints."""
     def save_with_card(folder):
         what = save(folder)
-        write(folder, args, run.kind, run.lora, step, run.ctx.world_size, run.seed)
+        write(folder, args, run, step)
         return f"{what}, with its model card ({CARD})"
 
     return save_with_card
 
 
-def write(folder, args, kind, lora, step, world_size, seed):
+def write(folder, args, run, step):
+    """README.md (and validation_grid.png) into `folder`, for the run `run` (training.start_run's) after `step` steps."""
     grid = os.path.join(validation.step_folder(args.output_dir, step), validation.GRID)
     has_grid = bool(validation.prompts(args)) and os.path.isfile(grid)
     if has_grid:
         shutil.copyfile(grid, os.path.join(folder, GRID))
     with open(os.path.join(folder, CARD), "w", encoding="utf-8") as f:
-        f.write(card(args, kind, lora, step, world_size, seed, has_grid))
+        f.write(card(args, run, step, has_grid))
 
 
 def hub_id(repo):
@@ -101,16 +102,17 @@ def loading_code(args, kind, lora, prompt):
             f"prior_num_inference_steps={steps}).images[0]\nimage.save(\"example.png\")\n")
 
 
-def hyperparameters(args, kind, lora, step, world_size, seed):
+def hyperparameters(args, run, step):
+    kind, lora, world_size = run.kind, run.lora, run.ctx.world_size
     rows = {"optimizer steps": step, "processes": world_size, "batch size per process": args.train_batch_size,
             "gradient accumulation steps": args.gradient_accumulation_steps,
             "samples per optimizer step": args.train_batch_size * args.gradient_accumulation_steps * world_size,
-            "learning rate": args.learning_rate, "lr schedule": f"{args.lr_scheduler}, {args.lr_warmup_steps} warm-up "
-                                                                 "steps",
-            "AdamW betas, weight decay, epsilon": f"{args.adam_beta1}, {args.adam_beta2}, {args.adam_weight_decay}, "
-                                                  f"{args.adam_epsilon}",
+            "learning rate": args.learning_rate,
+            "lr schedule": f"{args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps",
+            "AdamW betas, weight decay, epsilon":
+                f"{args.adam_beta1}, {args.adam_beta2}, {args.adam_weight_decay}, {args.adam_epsilon}",
             "max gradient norm": args.max_grad_norm, "Min-SNR gamma": args.snr_gamma,
-            "mixed precision": args.mixed_precision, "seed": seed}
+            "precision": f"{args.mixed_precision} (computed in {run.precision.dtype})", "seed": run.seed}
     if lora:
         rows["LoRA rank"] = args.lora_rank
     else:
@@ -137,7 +139,8 @@ WHAT = {
 }
 
 
-def card(args, kind, lora, step, world_size, seed, has_grid):
+def card(args, run, step, has_grid):
+    kind, lora = run.kind, run.lora
     title, what = WHAT[kind, lora]
     what = what.format(prior=f"`{args.pretrained_prior_model_name_or_path}`",
                        decoder=f"`{args.pretrained_decoder_model_name_or_path}`")
@@ -160,5 +163,5 @@ def card(args, kind, lora, step, world_size, seed, has_grid):
     parts.append(f"## Training\n\nThe command (`{script_name(kind, lora)}` of the Kandinsky 2.2 fine-tuning scripts "
                  "for PaddlePaddle):\n\n"
                  f"```bash\n{command_line(kind, lora, args.command_line)}\n```\n\n"
-                 f"{hyperparameters(args, kind, lora, step, world_size, seed)}")
+                 f"{hyperparameters(args, run, step)}")
     return "\n".join(parts)
