@@ -7,6 +7,7 @@ cannot and turns every mistake into one `UsageError` line.
 """
 import argparse
 import os
+import re
 
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
@@ -77,9 +78,17 @@ def build_parser(description, lora=False):
     a("--adam_weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay.")
     a("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon, added to the denominator for stability.")
     a("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 disables clipping).")
-    a("--push_to_hub", action="store_true", help="Upload output_dir (without checkpoints) to the Hugging Face Hub.")
+    a("--push_to_hub", action="store_true",
+      help="Upload output_dir (without checkpoints, logs or validation folders) to the Hugging Face Hub.")
     a("--hub_token", default=None, help="Token for --push_to_hub (default: the one saved by `huggingface-cli login`).")
     a("--hub_model_id", default=None, help="Repo for --push_to_hub (default: the output_dir's name).")
+    # AI Studio: the spelling of PaddleNLP's fine-tuning arguments
+    a("--save_to_aistudio", action="store_true",
+      help="Upload output_dir (without checkpoints, logs or validation folders) to AI Studio; needs --aistudio_repo_id.")
+    a("--aistudio_repo_id", default=None, help="AI Studio repo for --save_to_aistudio, as <user name>/<repo name>.")
+    a("--aistudio_token", default=None,
+      help="AI Studio access token for --save_to_aistudio (default: $AISTUDIO_ACCESS_TOKEN, or the one saved by "
+           "`aistudio config -t <token>`).")
     a("--logging_dir", default="logs", help="Log folder, relative to output_dir.")
     a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
       help="Train with paddle.amp autocast in this precision (trainable weights stay fp32). GPU only: fp32 on CPU.")
@@ -141,8 +150,11 @@ def add_decoder_args(p):
 
 
 def parse(parser, argv=None):
+    import sys
+
     args = parser.parse_args(argv)
     check(args)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # for the model card
     return args
 
 
@@ -172,6 +184,11 @@ def check(args):
         raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder")
+    if not args.save_to_aistudio and (args.aistudio_repo_id or args.aistudio_token):
+        raise UsageError("--aistudio_repo_id and --aistudio_token are for --save_to_aistudio; add it or drop them")
+    if args.save_to_aistudio and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.aistudio_repo_id or ""):
+        raise UsageError(f"--save_to_aistudio needs --aistudio_repo_id <user name>/<repo name> (got "
+                         f"{args.aistudio_repo_id!r})")
     resume = args.resume_from_checkpoint
     if resume not in (None, "latest") and not os.path.isdir(resume) \
             and not os.path.isdir(os.path.join(args.output_dir, resume)):

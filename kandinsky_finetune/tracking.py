@@ -60,7 +60,9 @@ class Tracker:
         else:
             import wandb
 
-            self.writer = wandb.init(project=args.tracker_project_name, dir=logdir, config=vars(args))
+            # the run's settings, but no hub token (wandb shows its config to everyone who sees the run)
+            config = {k: v for k, v in vars(args).items() if not k.endswith("_token") and k != "command_line"}
+            self.writer = wandb.init(project=args.tracker_project_name, dir=logdir, config=config)
 
     def scalars(self, values, step):
         if self.writer is None:
@@ -80,7 +82,17 @@ class Tracker:
             self.writer.log({tag: [wandb.Image(im) for im in images]}, step=step)
             return
         for i, image in enumerate(images):
-            self.writer.add_image(f"{tag}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.image(f"{tag}/{i}", image, step)
+
+    def image(self, tag, image, step):
+        if self.writer is None:
+            return
+        if self.kind == "wandb":
+            import wandb
+
+            self.writer.log({tag: wandb.Image(image)}, step=step)
+            return
+        self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self):
         if self.writer is None:

@@ -211,6 +211,7 @@ class Loop:
         from . import distributed, faults, tracking
 
         self.args, self.ctx, self.log, self.precision, self.clock = args, run.ctx, run.log, run.precision, run.clock
+        self.run = run  # (for the model card)
         self.trainable, self.optimizer, self.lr_scheduler, self.ema = trainable, optimizer, lr_scheduler, ema
         self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
         self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
@@ -390,8 +391,8 @@ class Loop:
 
     def finish(self, save, validate):
         """Rank 0: the EMA weights (if any) become the model, a last validation (if asked), `save(folder)` (which
-        returns what it saved, for the log) moved into output_dir by `checkpoint.publish`, the upload (if asked).
-        Every rank waits for it (distributed.on_rank_0), so none exits while rank 0 still writes."""
+        returns what it saved, for the log) and the model card moved into output_dir by `checkpoint.publish`, the
+        upload (if asked). Every rank waits for it (distributed.on_rank_0), so none exits while rank 0 still writes."""
         from . import distributed
         from .optimization import release_optimizer_state
         from .validation import prompts
@@ -402,7 +403,7 @@ class Loop:
         distributed.barrier(self.ctx)
         try:
             what = ", ".join(["validating"] * bool(prompts(self.args)) + ["saving the final model"]
-                             + ["uploading it"] * bool(self.args.push_to_hub))
+                             + ["uploading it"] * bool(self.args.push_to_hub or self.args.save_to_aistudio))
             distributed.on_rank_0(what, lambda: self._final_save(save, validate), self.ctx)
         finally:
             self._close()
@@ -410,7 +411,7 @@ class Loop:
         self.log(self.clock.summary())
 
     def _final_save(self, save, validate):
-        from . import checkpoint, hub
+        from . import checkpoint, hub, model_card
         from .faults import injected_delay
         from .validation import prompts
 
@@ -421,9 +422,10 @@ class Loop:
             self._validate(validate)
         with self.clock.phase("saving"):
             injected_delay("final_save")
-            what = checkpoint.publish(self.args.output_dir, save)
+            what = checkpoint.publish(self.args.output_dir,
+                                      model_card.with_card(save, self.args, self.run, self.global_step))
         self.log(f"saved {what} to {self.args.output_dir}")
-        if self.args.push_to_hub:
+        if self.args.push_to_hub or self.args.save_to_aistudio:
             hub.upload(self.args, self.log)
 
 
@@ -458,10 +460,10 @@ def start_run(args, kind, lora):
         if decided:
             log(f"CPU: {decided[0]} thread(s) per process for Paddle's kernels ({decided[1]})")
     tracking.check_available(args.report_to)
-    if args.push_to_hub and ctx.is_main:
+    if args.push_to_hub or args.save_to_aistudio:  # rank 0 asks the hub; the others stop with it if it fails
         from . import hub
 
-        hub.check_access(args)
+        distributed.on_rank_0("checking the hub repo", lambda: hub.check_access(args), ctx)
     configure_tf32(args.allow_tf32, log)
     precision = Precision(args.mixed_precision, log)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
@@ -475,7 +477,7 @@ def start_run(args, kind, lora):
         seed = resume_state["seed"]
     paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
     return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
-                           resume_state=resume_state, clock=clock)
+                           resume_state=resume_state, clock=clock, kind=kind, lora=lora)
 
 
 def check_every_rank_resumes_alike(args, resume_state, ctx):

@@ -1,13 +1,16 @@
-"""Validation images: generated with the weights being trained, saved as PNG and sent to the tracker."""
+"""Validation images: generated with the weights being trained, saved as PNG (each image, and one grid of the round)
+and sent to the tracker."""
 import os
 import warnings
 
 import paddle
 
+GRID = "grid.png"  # the round's images in one picture, beside them
+
 
 def generate(pipe, prompts, num_images_per_prompt, resolution, steps, seed, output_dir, step, tracker):
     """Run `pipe` (a KandinskyV22CombinedPipeline) on each prompt with a fixed generator, `steps` denoising steps in
-    both its prior and its decoder; write output_dir/validation/step-<N>/<k>.png."""
+    both its prior and its decoder; write output_dir/validation/step-<N>/<k>.png and the round's grid.png."""
     pipe.set_progress_bar_config(disable=True)
     generator = paddle.Generator().manual_seed(seed)
     images = []
@@ -17,12 +20,40 @@ def generate(pipe, prompts, num_images_per_prompt, resolution, steps, seed, outp
         for prompt in prompts:
             images += pipe(prompt, num_images_per_prompt=num_images_per_prompt, height=resolution, width=resolution,
                            num_inference_steps=steps, prior_num_inference_steps=steps, generator=generator).images
-    folder = os.path.join(output_dir, "validation", f"step-{step}")
+    folder = step_folder(output_dir, step)
     os.makedirs(folder, exist_ok=True)
     for k, image in enumerate(images):
         image.save(os.path.join(folder, f"{k}.png"))
+    picture = grid(images, prompts, num_images_per_prompt)
+    picture.save(os.path.join(folder, GRID))
     tracker.images("validation", images, step)
+    tracker.image("validation_grid", picture, step)
     return folder
+
+
+def step_folder(output_dir, step):
+    return os.path.join(output_dir, "validation", f"step-{step}")
+
+
+def grid(images, prompts, per_prompt):
+    """One picture of a validation round, to see a run's progress at a glance: a row per prompt, its images side by
+    side under the prompt's text (cut to the row's width)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = images[0].size
+    font = ImageFont.load_default()
+    caption = font.getbbox("Ag")[3] + 4
+    picture = Image.new("RGB", (per_prompt * width, len(prompts) * (caption + height)), "white")
+    draw = ImageDraw.Draw(picture)
+    for row, prompt in enumerate(prompts):
+        top = row * (caption + height)
+        text = prompt
+        while text and draw.textlength(text, font=font) > picture.width - 4:
+            text = text[:-4] + "..."
+        draw.text((2, top + 2), text, fill="black", font=font)
+        for col in range(per_prompt):
+            picture.paste(images[row * per_prompt + col].convert("RGB"), (col * width, top + caption))
+    return picture
 
 
 def prompts(args):

@@ -76,9 +76,10 @@ def test_validation_images_every_n_epochs_and_at_the_end(run_name, request):
     import glob
 
     out = request.getfixturevalue(run_name)
-    # after epochs 0 and 10 (steps 2 and 22), and at the end (step 40); one image per prompt
+    # after epochs 0 and 10 (steps 2 and 22), and at the end (step 40); one image per prompt, and the round's grid
     assert sorted(os.listdir(out / "validation")) == ["step-2", "step-22", "step-40"]
-    assert sorted(os.listdir(out / "validation" / "step-40")) == ["0.png", "1.png"]
+    assert all(sorted(os.listdir(out / "validation" / step)) == ["0.png", "1.png", "grid.png"]
+               for step in ("step-2", "step-22", "step-40"))
     reader = LogReader(file_path=glob.glob(str(out / "logs" / "*" / "vdlrecords*"))[0])
     assert {"validation/0", "validation/1"} <= set(reader.get_tags()["image"])
 

@@ -11,10 +11,11 @@ from kandinsky_finetune.params import UsageError
 
 
 def test_push_to_hub_without_a_reachable_hub_fails_before_training(tiny, tmp_path):
-    # CI has no route to the Hub (and no token): the run must stop now, not after hours of training
+    # CI has no route to the Hub: the run must stop now, not after hours of training (no token: test_hub.py)
     out = tmp_path / "out"
     with pytest.raises(UsageError, match="--push_to_hub: cannot create or reach the Hugging Face repo"):
-        train_text_to_image_prior.main(model_args(tiny, out, "--max_train_steps", 1, "--push_to_hub"))
+        train_text_to_image_prior.main(model_args(tiny, out, "--max_train_steps", 1, "--push_to_hub",
+                                                  "--hub_token", "hf_x"))
     assert not out.exists()
 
 
