@@ -105,12 +105,12 @@ def build_parser(description, lora=False):
       help="Print the per-device memory plan (weights, gradients, optimizer states, EMA, frozen models, activations; "
            "from the model configs: no weights loaded, no dataset needed) for this machine's device, or for a GPU "
            "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")
-    a("--sharding", default=None, choices=["stage1", "stage2"],
+    a("--sharding", default=None, choices=["stage1", "stage2", "stage3"],
       help="Split the training state across the processes of a paddle.distributed.launch run, as PaddleNLP's trainer "
            "spells it: stage1 = AdamW's moments (fleet's sharding optimizer; CPU and GPU), stage2 = + gradients "
            "(group_sharded_parallel; GPU only: on a CPU one error line). Checkpoints hold the whole optimizer state "
            "(written by rank 0) and resume on any number of processes. On one process there is nothing to shard: the "
-           "run says so and trains unsharded.")
+           "run says so and trains unsharded. stage3 (parameters too) is not offered: exits with an explanation.")
     a("--resume_from_checkpoint", default=None,
       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
     a("--num_inference_steps", type=int, default=30 if lora else 20,
@@ -159,6 +159,9 @@ def parse(parser, argv=None):
 
 
 def check(args):
+    if args.sharding == "stage3":
+        raise UsageError("--sharding stage3 (parameters sharded too) is not offered: validation, checkpoints and the "
+                         "final save need every parameter whole on rank 0; use --sharding stage2 (GPU) or stage1")
     if args.print_memory_plan:  # needs the models' configs only
         return
     if args.dataset_name is None and args.train_data_dir is None:

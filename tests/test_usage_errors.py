@@ -57,3 +57,10 @@ def test_an_image_that_fails_to_decode_is_one_clear_error_not_a_hang(tiny, tmp_p
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: cannot prepare row 2 of the dataset: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("extra", [[], ["--print_memory_plan", "gpu"]])
+def test_sharding_stage3_says_why_it_is_not_offered(tiny, tmp_path, extra):
+    with pytest.raises(UsageError, match=r"^--sharding stage3 \(parameters sharded too\) is not offered: .* stage1$"):
+        train_text_to_image_prior.main(model_args(tiny, tmp_path / "out", "--sharding", "stage3", *extra))
+    assert not (tmp_path / "out").exists()
