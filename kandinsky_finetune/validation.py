@@ -47,13 +47,20 @@ def grid(images, prompts, per_prompt):
     draw = ImageDraw.Draw(picture)
     for row, prompt in enumerate(prompts):
         top = row * (caption + height)
-        text = prompt
-        while text and draw.textlength(text, font=font) > picture.width - 4:
-            text = text[:-4] + "..."
-        draw.text((2, top + 2), text, fill="black", font=font)
+        draw.text((2, top + 2), fitted(prompt, lambda t: draw.textlength(t, font=font) <= picture.width - 4),
+                  fill="black", font=font)
         for col in range(per_prompt):
             picture.paste(images[row * per_prompt + col].convert("RGB"), (col * width, top + caption))
     return picture
+
+
+def fitted(text, fits):
+    """`text`, or as much of it as `fits` followed by "...", or "" where not even that fits."""
+    if fits(text):
+        return text
+    while text and not fits(text + "..."):
+        text = text[:-1]
+    return text + "..." if text else ""
 
 
 def prompts(args):

@@ -47,7 +47,8 @@ def test_validation_steps_default_to_the_references_and_reach_prior_and_decoder(
     for flags, steps in [([], expected), (["--num_inference_steps", "3"], 3)]:
         args = parsed(name, tmp_path, prompt, "a red picture", "--output_dir", str(tmp_path / "out"), *flags)
         pipe = FakePipe()
-        validation.run(pipe, [], args, 0, 1, SimpleNamespace(images=lambda *a: None), lambda line: None)
+        validation.run(pipe, [], args, 0, 1, SimpleNamespace(images=lambda *a: None, image=lambda *a: None),
+                       lambda line: None)
         assert pipe.calls and all(call["num_inference_steps"] == call["prior_num_inference_steps"] == steps
                                   for call in pipe.calls), (flags, pipe.calls)
     with pytest.raises(UsageError, match="--num_inference_steps must be at least 1"):

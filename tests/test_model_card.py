@@ -124,3 +124,19 @@ def test_an_interrupted_final_save_leaves_neither_a_card_nor_a_model(tmp_path, m
     with pytest.raises(RunError, match="No space left on device"):
         checkpoint.publish(str(tmp_path), model_card.with_card(save, SimpleNamespace(output_dir=str(tmp_path)), run_, 1))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", [8, 64, 512])
+def test_the_grid_captions_each_row_with_as_much_of_its_prompt_as_fits(size):
+    """Even images too narrow for any caption (8 px: the test pipelines' fakes) make a grid, and quickly."""
+    from PIL import Image
+
+    from kandinsky_finetune import validation
+
+    prompts = ["a very long prompt about a red fox sitting in the snow at dusk", "x"]
+    picture = validation.grid([Image.new("RGB", (size, size), "gray")] * 4, prompts, 2)
+    assert picture.size[0] == 2 * size and picture.size[1] > 2 * size
+    fits = lambda t: len(t) <= 10  # noqa: E731
+    assert validation.fitted("short", fits) == "short"
+    assert validation.fitted("a much longer one", fits) == "a much ..."
+    assert validation.fitted("anything", lambda t: False) == ""
