@@ -198,7 +198,7 @@ def test_validation_after_epoch_0_every_10_epochs_and_at_the_end(run_name, reque
     folders = sorted(os.listdir(out / "validation"), key=lambda name: int(name.split("-")[1]))
     assert folders == ["step-2", "step-22", "step-40"]
     for folder in folders:
-        assert os.listdir(out / "validation" / folder) == ["0.png"]  # --num_validation_images 1
+        assert sorted(os.listdir(out / "validation" / folder)) == ["0.png", "grid.png"]  # --num_validation_images 1
         with Image.open(out / "validation" / folder / "0.png") as image:
             assert image.format == "PNG" and image.size == (64, 64)  # --resolution
     # the frozen components a validation needs beyond training (the other model's) are loaded on the first one
