@@ -13,8 +13,15 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
 
 def safetensors_header(path):
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+        return json.loads(f.read(_data_start(f) - 8))
+
+
+def _data_start(f):
+    """Where the tensors of the open safetensors file `f` start (after the length and the JSON header); from its
+    beginning."""
+    f.seek(0)
+    (length,) = struct.unpack("<Q", f.read(8))
+    return 8 + length
 
 
 _SAFETENSORS_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
@@ -50,22 +57,22 @@ def read_safetensors(path, skip=lambda name: False):
 def map_safetensors(path):
     """{name: read-only numpy memory map} of a safetensors file: nothing is read until an array is used."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-    header = safetensors_header(path)
-    return {name: np.memmap(path, dtype=_SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + length + info[
-        "data_offsets"][0], shape=tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"}
+        start = _data_start(f)
+    return {name: np.memmap(path, dtype=_SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=start + info[
+        "data_offsets"][0], shape=tuple(info["shape"])) for name, info in safetensors_header(path).items()
+        if name != "__metadata__"}
 
 
 def _arrays(path, header):
     """(name, numpy array) for each tensor of the file, read with plain file reads, one at a time."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        data = _data_start(f)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             start, end = info["data_offsets"]
             dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            f.seek(8 + length + start)
+            f.seek(data + start)
             yield name, np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
 
 
