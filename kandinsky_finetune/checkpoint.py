@@ -276,6 +276,27 @@ def write_state(state, folder):
     paddle.save(skeleton, os.path.join(folder, STATE_FILE))
 
 
+def check_every_rank_resumes_alike(args, resume_state, ctx):
+    """Each rank finds --resume_from_checkpoint in its own file system: on several machines one that does not see
+    rank 0's checkpoint would start over and train a different number of steps. Then every rank stops."""
+    from . import distributed
+
+    if args.resume_from_checkpoint is None or ctx.world_size == 1:
+        return
+    step = resume_state["global_step"] if resume_state is not None else -1
+    rank_0_step = distributed.broadcast_int(step, ctx)
+    (others,) = distributed.sum_across_ranks([float(step != rank_0_step)], ctx, what="comparing the checkpoints found")
+    if others:
+        def found(s):
+            return f"checkpoint-{s}" if s >= 0 else "no checkpoint"
+
+        here = "" if step == rank_0_step else f"; rank {ctx.rank} finds {found(step)}"
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {int(others)} of {ctx.world_size} "
+                         f"processes do not find the checkpoint rank 0 resumes from ({found(rank_0_step)}{here}): "
+                         "every machine must see output_dir's checkpoints: put --output_dir on a shared file system, "
+                         "or copy the checkpoint to the same path on each machine")
+
+
 def load_state(path, mapped_optimizer=False):
     """The training state written by `write_state` (or, from older checkpoints, pickled whole). With
     `mapped_optimizer`, the optimizer's tensors are read-only memory maps of the file, read only when the optimizer

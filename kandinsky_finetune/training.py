@@ -472,33 +472,12 @@ def start_run(args, kind, lora):
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         log(f"no checkpoint in {args.output_dir} yet: starting a new run")
     resume_state = checkpoint.load_state(resume_path, mapped_optimizer=True) if resume_path else None
-    check_every_rank_resumes_alike(args, resume_state, ctx)
+    checkpoint.check_every_rank_resumes_alike(args, resume_state, ctx)
     if resume_state is not None:
         seed = resume_state["seed"]
     paddle.seed(seed)  # new weights (LoRA layers) start the same on every rank and in every run with this seed
     return SimpleNamespace(ctx=ctx, log=log, precision=precision, seed=seed, resume_path=resume_path,
                            resume_state=resume_state, clock=clock, kind=kind, lora=lora)
-
-
-def check_every_rank_resumes_alike(args, resume_state, ctx):
-    """Each rank finds --resume_from_checkpoint in its own file system: on several machines one that does not see
-    rank 0's checkpoint would start over and train a different number of steps. Then every rank stops."""
-    from . import distributed
-
-    if args.resume_from_checkpoint is None or ctx.world_size == 1:
-        return
-    step = resume_state["global_step"] if resume_state is not None else -1
-    rank_0_step = distributed.broadcast_int(step, ctx)
-    (others,) = distributed.sum_across_ranks([float(step != rank_0_step)], ctx, what="comparing the checkpoints found")
-    if others:
-        def found(s):
-            return f"checkpoint-{s}" if s >= 0 else "no checkpoint"
-
-        here = "" if step == rank_0_step else f"; rank {ctx.rank} finds {found(step)}"
-        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {int(others)} of {ctx.world_size} "
-                         f"processes do not find the checkpoint rank 0 resumes from ({found(rank_0_step)}{here}): "
-                         "every machine must see output_dir's checkpoints: put --output_dir on a shared file system, "
-                         "or copy the checkpoint to the same path on each machine")
 
 
 def prepare_output_dir(output_dir, ctx, log):
