@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CARDS = (1, 2, 4, 8)
-STAGES = (None, "stage1", "stage2")
+STAGES = (None, "stage1", "stage2", "stage3")
 
 
 def write_configs(out_dir):

@@ -14,7 +14,21 @@ GB = 1e9
 RUNTIME = {"gpu": 1.0 * GB, "cpu": 0.6 * GB}
 ADAMW_STATES = 2  # first and second moment per trained parameter, fp32
 # what each --sharding stage divides by the number of processes (sharding.py runs them)
-SHARDED = {"stage1": ("optimizer states",), "stage2": ("optimizer states", "gradients")}
+SHARDED = {"stage1": ("optimizer states",), "stage2": ("optimizer states", "gradients"),
+           "stage3": ("optimizer states", "gradients", "trained weights", "frozen base model")}
+SLICED_ABOVE = 2 ** 20  # elements: stage 3 slices parameters larger than this (Paddle's segment_size), keeps the rest
+
+
+def sliced_fraction(model):
+    """The fraction of `model`'s parameters that stage 3 slices (those of more than SLICED_ABOVE elements)."""
+    sizes = [p.size for p in model.parameters()]
+    return sum(s for s in sizes if s > SLICED_ABOVE) / max(1, sum(sizes))
+
+
+def largest_layer(model):
+    """Parameters of the sublayer with the most parameters of its own: what stage 3 gathers whole at a time."""
+    return max([sum(p.size for p in layer.parameters(include_sublayers=False))
+                for _, layer in model.named_sublayers()] or [0])
 
 
 @dataclass
@@ -162,10 +176,26 @@ def build(args, kind, lora, device=None, processes=1):
     stage = getattr(args, "sharding", None) if processes > 1 else None
     sharded = SHARDED.get(stage, ())
 
+    # stage 3 slices the large parameters only (a LoRA layer's matrices are small); the other stages divide all
+    fractions = {}
+    if stage == "stage3":
+        base = sliced_fraction(models[trained_model])
+        fractions = {"frozen base model": base} if lora else {}
+        for label in ("trained weights", "gradients", "optimizer states"):
+            fractions[label] = 0.0 if lora else base
+
     def share(label, size, note):  # this process's part of what --sharding divides
         if label not in sharded:
             return label, size, note
-        return label, size // processes, f"{note}; 1/{processes} of {size / GB:.2f} GB (--sharding {stage})"
+        divided = int(size * fractions.get(label, 1.0))
+        of = f"{divided / GB:.2f} GB" + (f" (the parameters of over {SLICED_ABOVE:,} elements)" if divided < size else "")
+        return label, size - divided + divided // processes, f"{note}; 1/{processes} of {of} (--sharding {stage})"
+
+    weights = [share(*item) for item in weights]
+    checkpoint_weights = list(weights)  # (stage 3 gathers them to host memory, a parameter at a time)
+    if stage == "stage3":  # a layer computes with its weights gathered whole, the next layer's on their way
+        gathered = 2 * (frozen_bytes if lora else 4) * largest_layer(models[trained_model])
+        weights.append(("gathered layers", gathered, "the layer computing and the next, whole (--sharding stage3)"))
 
     optimizer = [share("optimizer states", ADAMW_STATES * 4 * trained, "AdamW: two moments, fp32")]
     if getattr(args, "use_ema", False):
@@ -190,7 +220,8 @@ def build(args, kind, lora, device=None, processes=1):
         plan.phases["encoding"] = weights + [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
     plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, reading_ahead, runtime]
     # a checkpoint: gradients freed, the trained weights copied to host arrays while they are written
-    plan.phases["checkpoint"] = weights + optimizer + [frozen, runtime, ("weights being written", 4 * trained, "")]
+    plan.phases["checkpoint"] = checkpoint_weights + optimizer + [frozen, runtime, ("weights being written",
+                                                                                    4 * trained, "")]
     if validation_models:
         extra = validation_models + (encoders if cached else [])
         plan.phases["validation"] = weights + optimizer + [frozen, runtime, (

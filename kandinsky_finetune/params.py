@@ -107,10 +107,11 @@ def build_parser(description, lora=False):
            "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")
     a("--sharding", default=None, choices=["stage1", "stage2", "stage3"],
       help="Split the training state across the processes of a paddle.distributed.launch run, as PaddleNLP's trainer "
-           "spells it: stage1 = AdamW's moments (fleet's sharding optimizer; CPU and GPU), stage2 = + gradients "
-           "(group_sharded_parallel; GPU only: on a CPU one error line). Checkpoints hold the whole optimizer state "
-           "(written by rank 0) and resume on any number of processes. On one process there is nothing to shard: the "
-           "run says so and trains unsharded. stage3 (parameters too) is not offered: exits with an explanation.")
+           "spells it: stage1 = AdamW's moments (fleet's sharding optimizer; CPU and GPU), stage2 = + gradients, "
+           "stage3 = + parameters (group_sharded_parallel; GPU only: on a CPU one error line; stage3 validates on "
+           "every process together, and not with --use_ema). Checkpoints hold the whole training state (written by "
+           "rank 0) and resume on any number of processes. On one process there is nothing to shard: the run says so "
+           "and trains unsharded.")
     a("--resume_from_checkpoint", default=None,
       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
     a("--num_inference_steps", type=int, default=30 if lora else 20,
@@ -159,9 +160,9 @@ def parse(parser, argv=None):
 
 
 def check(args):
-    if args.sharding == "stage3":
-        raise UsageError("--sharding stage3 (parameters sharded too) is not offered: validation, checkpoints and the "
-                         "final save need every parameter whole on rank 0; use --sharding stage2 (GPU) or stage1")
+    if args.sharding == "stage3" and getattr(args, "use_ema", False):
+        raise UsageError("--use_ema with --sharding stage3: EMA averages the whole weights after every step, and "
+                         "stage 3 keeps only a slice of them on each card; use --sharding stage2 with --use_ema")
     if args.print_memory_plan:  # needs the models' configs only
         return
     if args.dataset_name is None and args.train_data_dir is None:

@@ -1,12 +1,18 @@
 """--sharding: the training state split across the processes of a launch, on Paddle's own engines (stage 1: fleet's
-sharding optimizer, CPU and GPU; stage 2: group_sharded_parallel, GPU only), and the optimizer state gathered to rank 0
-for checkpoints.
+sharding optimizer, CPU and GPU; stages 2 and 3: group_sharded_parallel, GPU only), and gathered whole for checkpoints.
 
 Checkpoints stay in the unsharded format: rank 0 writes every rank's optimizer shard, which the owner broadcasts a
 tensor at a time while rank 0 streams it to disk. So a sharded checkpoint needs no shared file system (only rank 0's
 machine has output_dir), is written and published atomically like any other, and resumes on any number of processes,
 sharded or not (each rank's sharding optimizer takes its own part of the full state).
+
+Stage 3 keeps only a slice of each large parameter on each rank (GroupShardedStage3: the parameter flattened, padded,
+cut in equal parts; a layer's forward and backward gather it whole for the while). What needs whole weights gets them
+from `whole_parameters`, on every rank together: a checkpoint and the final save (which rank 0 then writes alone), and
+loading a checkpoint's weights (written back into the slices). Validation runs on every rank together instead of on
+rank 0 alone: the trained model's layers gather their slices, a collective.
 """
+import contextlib
 import math
 
 import paddle
@@ -14,7 +20,9 @@ import paddle
 from .faults import RunError, first_line
 from .params import UsageError
 
-GPU_ONLY = {"stage2": "os_g"}  # group_sharded_parallel's level; Paddle asserts a GPU, XPU or custom device for it
+LEVELS = {"stage2": "os_g", "stage3": "p_g_os"}  # group_sharded_parallel's levels
+GPU_ONLY = set(LEVELS)  # Paddle asserts a GPU, XPU or custom device for them
+SHARDS = {"stage2": "gradients", "stage3": "gradients and parameters"}
 
 
 def check(args, ctx, log):
@@ -24,7 +32,7 @@ def check(args, ctx, log):
     if stage is None:
         return
     if stage in GPU_ONLY and "gpu" not in ctx.device:
-        raise UsageError(f"--sharding {stage}: Paddle shards gradients on GPUs only (group_sharded_parallel); on "
+        raise UsageError(f"--sharding {stage}: Paddle shards {SHARDS[stage]} on GPUs only (group_sharded_parallel); on "
                          f"{ctx.device} use --sharding stage1 (optimizer states)")
     if ctx.world_size == 1:
         log.warn(f"--sharding {stage}: one process, nothing to shard; training unsharded (launch several with "
@@ -56,16 +64,23 @@ def wrap(model, optimizer, precision, args):
         return fleet.distributed_model(model), optimizer
     from paddle.distributed.sharding import group_sharded_parallel
 
-    model, optimizer, scaler = group_sharded_parallel(model, optimizer, GPU_ONLY[args.sharding],
-                                                      scaler=precision.scaler)
+    # Stage 3 hooks every layer that has parameters of its own, and its hook takes only tensors as the layer's output:
+    # the top model (the prior has a few parameters of its own) returns a ModelOutput, so it stays whole and unhooked
+    stage3 = {"exclude_layer": [id(model)]} if args.sharding == "stage3" else {}
+    model, optimizer, scaler = group_sharded_parallel(model, optimizer, LEVELS[args.sharding],
+                                                      scaler=precision.scaler, **stage3)
     precision.scaler = scaler  # (GroupShardedScaler around an fp16 loss scaler, or None)
-    # Stage 2 keeps the gradients in buffers of its own and replaces clear_grad with one that zeroes them and takes
-    # no argument; the loop's clear_grad(set_to_zero=False) reaches it through this
+    # Stages 2 and 3 keep the gradients in buffers of their own and replace clear_grad with one that takes no
+    # argument; the loop's clear_grad(set_to_zero=False) reaches it through this
     clear = optimizer.clear_grad
     optimizer.clear_grad = lambda set_to_zero=True: clear()
-    # ... and its set_state_dict hands the whole state to AdamW, which would keep every rank's part: keep this rank's
-    own = {name for name, rank in optimizer.param2rank.items() if rank == optimizer._rank}
     restore = optimizer.set_state_dict
+    if args.sharding == "stage3":  # the optimizer works on slices of the parameters: a state of whole ones is cut
+        optimizer.parameter_slices = slices = ParameterSlices(model)
+        optimizer.set_state_dict = lambda state: restore(slices.cut(state))
+        return model, optimizer
+    # stage 2's set_state_dict hands the whole state to AdamW, which would keep every rank's part: keep this rank's
+    own = {name for name, rank in optimizer.param2rank.items() if rank == optimizer._rank}
     optimizer.set_state_dict = lambda state: restore(_part(state, own))
     return model, optimizer
 
@@ -83,7 +98,10 @@ def _part(state, own):
 def innermost(optimizer):
     """The paddle.optimizer.AdamW inside the sharding wrappers (fleet's: _inner_opt; group_sharded's: _optim)."""
     while hasattr(optimizer, "_inner_opt") or hasattr(optimizer, "_optim"):
-        optimizer = getattr(optimizer, "_inner_opt", None) or optimizer._optim
+        inner = getattr(optimizer, "_inner_opt", None) or optimizer._optim
+        if inner is optimizer:  # stage 3 marks the AdamW itself as its own _optim
+            break
+        optimizer = inner
     return optimizer
 
 
@@ -94,15 +112,18 @@ def accumulators(optimizer):
     return len(tensors), sum(t.size * t.element_size() for t in tensors)
 
 
-def log_shares(optimizer, log):
-    """After the first step (when Paddle has created the optimizer state): one line with each rank's part of it.
-    Collective."""
+def log_shares(optimizer, log, weights=()):
+    """After the first step (when Paddle has created the optimizer state): one line with each rank's part of it, and
+    of the trained `weights` where they are sliced (stage 3: sharding.local_weights). Collective."""
     import paddle.distributed as dist
 
     shares = []
-    dist.all_gather_object(shares, accumulators(optimizer))
+    held = sum(t.size * t.element_size() for t in weights)
+    dist.all_gather_object(shares, (*accumulators(optimizer), held))
     log("optimizer state per process (--sharding): " + ", ".join(
-        f"rank {rank} {size / 1e6:.3f} MB in {count} tensors" for rank, (count, size) in enumerate(shares)))
+        f"rank {rank} {size / 1e6:.3f} MB in {count} tensors" + (f" (trained weights {weights / 1e6:.3f} MB)"
+                                                                 if weights else "")
+        for rank, (count, size, weights) in enumerate(shares)))
 
 
 # ---------------------------------------------------------------- checkpoints: the shards gathered to rank 0
@@ -146,6 +167,8 @@ def gathered_state(optimizer):
     entries (the lr schedule's) are rank 0's, the same on every rank."""
     import paddle.distributed as dist
 
+    if hasattr(optimizer, "parameter_slices"):
+        return optimizer.parameter_slices.joined(optimizer.state_dict())
     rank, local = dist.get_rank(), optimizer.state_dict()
     tensors = dict(_tensors(local))
     layouts = []  # (rank's non-tensor entries, {path: (shape, dtype)}) of each rank
@@ -183,3 +206,152 @@ def take_part(state):
 def is_tensor(obj):
     """A tensor, or another rank's shard of one (which the checkpoint writes like a tensor)."""
     return isinstance(obj, (paddle.Tensor, _Shard))
+
+
+# ---------------------------------------------------------------- stage 3: parameters in slices
+def is_stage3(model):
+    return hasattr(model, "_param2buffer")  # GroupShardedStage3's table of where each rank's slice lies
+
+
+class ParameterSlices:
+    """Where GroupShardedStage3 keeps this rank's part of each sliced parameter: the parameter flattened, padded to
+    its buffer size, and cut in one equal range per rank (`_param2buffer`). The optimizer's state of a sliced
+    parameter is named `slice@<name>_<accumulator>_0` and its moments have the slice's shape; a checkpoint holds
+    them whole, as unsharded training names and shapes them."""
+
+    PREFIX = "slice@"
+
+    def __init__(self, model):
+        self.rank, self.group = model._rank, model._group
+        self.ranges, self.buffer_sizes = model._param2buffer, model._param2buffer_size
+        self.shapes = {p.name: list(p.shape) for p in model._layer.parameters() if p.name in self.ranges}
+
+    def _parameter(self, key):
+        """The sliced parameter that an optimizer state key `<name>_<accumulator>_0` belongs to, or None."""
+        names = [name for name in self.shapes if key.startswith(f"{name}_")]
+        return max(names, key=len) if names else None
+
+    def _is_moment(self, name, shape, whole):
+        """A moment has the parameter's shape (whole) or its slice's; a beta power is one number."""
+        start, end = self.ranges[name][self.rank]
+        return list(shape) == (self.shapes[name] if whole else [end - start])
+
+    def cut(self, state):
+        """A whole optimizer state (a checkpoint's) as this rank's optimizer names and holds it."""
+        import numpy as np
+
+        out = {}
+        for key, value in state.items():
+            name = self._parameter(key) if isinstance(key, str) else None
+            if name is None:
+                out[key] = value
+                continue
+            if self._is_moment(name, value.shape, whole=True):
+                start, end = self.ranges[name][self.rank]
+                flat = np.asarray(value.numpy() if isinstance(value, paddle.Tensor) else value).reshape(-1)
+                flat = np.concatenate([flat, np.zeros(self.buffer_sizes[name] - flat.size, flat.dtype)])
+                value = np.ascontiguousarray(flat[start:end])
+            out[self.PREFIX + key] = value  # (a beta power: the same on every rank)
+        return out
+
+    def joined(self, local):
+        """This rank's optimizer state with the slices' names and shapes made whole again, each sliced moment a
+        _Joined (gathered from every rank when it is written): collective, like gathered_state."""
+        out = {}
+        for key, value in local.items():
+            name = self._parameter(key[len(self.PREFIX):]) if key.startswith(self.PREFIX) else None
+            if name is None:
+                out[key] = value
+                continue
+            key = key[len(self.PREFIX):]
+            out[key] = _Joined(value, self.shapes[name], str(value.dtype), self.group) if self._is_moment(
+                name, value.shape, whole=False) else value
+        return out
+
+
+class _Joined(_Shard):
+    """A moment of a stage-3 slice, as write_safetensors sees it: the parameter's shape; its values all-gathered from
+    every rank's slice when rank 0 writes it (every rank joins, in the same order: take_part)."""
+
+    def __init__(self, local, shape, dtype, group):
+        super().__init__(local, shape, dtype, owner=None)
+        self.group = group
+
+    def fetch(self):
+        import paddle.distributed as dist
+
+        parts = []
+        dist.all_gather(parts, self.local, group=self.group)
+        return paddle.concat(parts)[:self.size].reshape(self.shape)
+
+
+def _sliced(model):
+    """The trained parameters stage 3 holds in slices (frozen ones, a LoRA run's base model, are never saved), in the
+    same order on every rank."""
+    return [p for p in model._layer.parameters() if not p.stop_gradient and getattr(p, "fw_storage", None) is not None
+            and getattr(p, "status", "") == "part"]
+
+
+@contextlib.contextmanager
+def whole_parameters(model):
+    """Stage 3: rank 0's trained parameters whole, in host memory, for the while (each all-gathered from every rank's
+    slice on the device, one at a time: a collective, so every rank enters together); the other ranks hold their
+    slices only. Afterwards rank 0 holds its slices alone again. Any other model: nothing to do."""
+    if not is_stage3(model):
+        yield
+        return
+    import paddle.distributed as dist
+
+    gathered = []
+    with paddle.no_grad():
+        for p in _sliced(model):
+            parts = []
+            dist.all_gather(parts, p.fw_storage, group=model._group)
+            if model._rank == 0:
+                paddle.concat(parts)[:p._numel()].cpu()._share_buffer_to(p)
+                gathered.append(p)
+            del parts
+    try:
+        yield
+    finally:
+        for p in gathered:
+            p._clear_data()
+
+
+def loads_into_slices(model, load_weights):
+    """`load_weights(folder)` for a stage-3 model: every rank reads the whole weights into host memory, a parameter
+    at a time, and keeps its slice of each."""
+    import numpy as np
+
+    def load(folder):
+        sliced = _sliced(model)
+        for p in sliced:
+            paddle.to_tensor(np.zeros(p.shape, "float32"), dtype=p.dtype, place=paddle.CPUPlace())._share_buffer_to(p)
+        try:
+            load_weights(folder)
+            for p in sliced:
+                start, end = model._param2buffer[p.name][model._rank]
+                flat = p.numpy().reshape(-1)
+                flat = np.concatenate([flat, np.zeros(model._param2buffer_size[p.name] - flat.size, flat.dtype)])
+                p.fw_storage.set_value(np.ascontiguousarray(flat[start:end]))
+        finally:
+            for p in sliced:
+                p._clear_data()
+
+    return load
+
+
+def local_weights(model, parameters):
+    """What this rank holds of `parameters`: with stage 3 a sliced parameter's slice, a whole one as it is."""
+    if not is_stage3(model):
+        return list(parameters)
+    return [p.fw_storage if getattr(p, "fw_storage", None) is not None and getattr(p, "status", "") == "part" else p
+            for p in parameters]
+
+
+def local_gradients(model, parameters):
+    """The gradients this rank holds of `parameters` before the optimizer step: with stage 3 a sliced parameter's
+    (already reduced over the ranks) is in its `bw_storage`, a whole one's in .grad as usual."""
+    if not is_stage3(model):
+        return [p.grad for p in parameters]
+    return [p.bw_storage if hasattr(p, "bw_storage") else p.grad for p in parameters]

@@ -221,6 +221,8 @@ class Loop:
 
             model, self.optimizer = sharding.wrap(model, optimizer, self.precision, args)
             checkpointer.optimizer = self.optimizer
+            if sharding.is_stage3(model):
+                checkpointer.load_weights = sharding.loads_into_slices(model, checkpointer.load_weights)
         self.global_step = checkpointer.resume(run, self.log)
         self._first_step = self.global_step + 1
         # From here on a stop signal becomes a checkpoint; once rank 0 is past the barrier, on every rank
@@ -293,9 +295,10 @@ class Loop:
     def _step(self):
         from . import distributed, faults
         from .optimization import clip_gradients
+        from .sharding import local_gradients
 
         step = self.global_step + 1
-        grads = [p.grad for p in self.trainable]
+        grads = local_gradients(self.model, self.trainable)
         self.precision.unscale(self.optimizer)
         # Clipping computes the global norm anyway: it is the finite check; without clipping, a pass of its own.
         # With --sharding the optimizer clips (sharding.wrap): here each rank's own, unreduced gradients are checked
@@ -310,9 +313,10 @@ class Loop:
             self.log.warn(warning)
         self.precision.step(self.optimizer)
         if self.args.sharding and step == self._first_step:
-            from .sharding import log_shares
+            from .sharding import is_stage3, local_weights, log_shares
 
-            log_shares(self.optimizer, self.log)
+            log_shares(self.optimizer, self.log, local_weights(self.model, self.trainable) if is_stage3(self.model)
+                       else ())
         self.lr_scheduler.step()
         # Gradients are freed, not zeroed: between steps (checkpoints, validation) their memory is free
         self.optimizer.clear_grad(set_to_zero=False)
@@ -338,12 +342,14 @@ class Loop:
         """checkpoint-<step>, written by rank 0 while the others wait (with --sharding they first send it their
         optimizer shards); returns its path (None on other ranks)."""
         from .distributed import on_rank_0
+        from .sharding import whole_parameters
 
-        self._check_weights()
         what = f"writing checkpoint-{self.global_step}"
-        if self.args.sharding:  # every rank takes part in writing the optimizer state; the rest is rank 0's alone
-            return self._write_checkpoint(alone=lambda work: on_rank_0(what, work, self.ctx))
-        return on_rank_0(what, self._write_checkpoint, self.ctx)
+        self._check_weights()
+        with whole_parameters(self.model):  # (--sharding stage3: gathered to rank 0, which writes them)
+            if self.args.sharding:  # every rank takes part in writing the optimizer state; the rest is rank 0's alone
+                return self._write_checkpoint(alone=lambda work: on_rank_0(what, work, self.ctx))
+            return on_rank_0(what, self._write_checkpoint, self.ctx)
 
     def _write_checkpoint(self, alone=None):
         with self.clock.phase("checkpointing"):
@@ -352,10 +358,18 @@ class Loop:
             self.log(f"saved {path}")
         return path
 
-    def _check_weights(self):
+    def _check_weights(self, whole=False):
+        """Every rank checks what it holds (with --sharding stage3 its slices, and all ranks agree); `whole`: rank 0
+        alone, with the weights gathered."""
+        from .distributed import sum_across_ranks
         from .faults import RunError, all_finite
+        from .sharding import is_stage3, local_weights
 
-        if not all_finite(list(self.trainable) + (list(self.ema.shadow_params) if self.ema is not None else [])):
+        held = self.trainable if whole else local_weights(self.model, self.trainable)
+        finite = all_finite(list(held) + (list(self.ema.shadow_params) if self.ema is not None else []))
+        if is_stage3(self.model) and not whole:
+            finite = sum_across_ranks([0.0 if finite else 1.0], self.ctx)[0] == 0
+        if not finite:
             raise RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: training "
                            "diverged; nothing was saved from it (try a lower --learning_rate, or --max_grad_norm)")
 
@@ -373,11 +387,20 @@ class Loop:
     def validate_if_due(self, epoch, validate):
         """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0 while the others wait,
         when there is a prompt; the end of training validates in finish()."""
-        from .distributed import on_rank_0
         from .validation import prompts
 
         if prompts(self.args) and epoch % self.args.validation_epochs == 0 and not self.done:
-            on_rank_0(f"validating at step {self.global_step}", lambda: self._validate(validate), self.ctx)
+            self._validation_round(f"validating at step {self.global_step}", lambda: self._validate(validate))
+
+    def _validation_round(self, what, work):
+        """Rank 0's validation while the others wait; with --sharding stage3 every rank validates alike (the trained
+        model's layers gather their slices from every rank) and rank 0 alone writes the images."""
+        from .distributed import on_rank_0
+        from .sharding import is_stage3
+
+        if is_stage3(self.model):
+            return work()
+        return on_rank_0(what, work, self.ctx)
 
     def _validate(self, validate):
         from .faults import injected_delay
@@ -395,6 +418,7 @@ class Loop:
         upload (if asked). Every rank waits for it (distributed.on_rank_0), so none exits while rank 0 still writes."""
         from . import distributed
         from .optimization import release_optimizer_state
+        from .sharding import is_stage3, whole_parameters
         from .validation import prompts
 
         self.bar.close()
@@ -402,9 +426,14 @@ class Loop:
         release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
         distributed.barrier(self.ctx)
         try:
-            what = ", ".join(["validating"] * bool(prompts(self.args)) + ["saving the final model"]
+            if is_stage3(self.model):  # every rank validates (see _validation_round), then the weights are gathered
+                if prompts(self.args):
+                    self._validate(validate)
+                validate = None
+            what = ", ".join(["validating"] * bool(validate and prompts(self.args)) + ["saving the final model"]
                              + ["uploading it"] * bool(self.args.push_to_hub or self.args.save_to_aistudio))
-            distributed.on_rank_0(what, lambda: self._final_save(save, validate), self.ctx)
+            with whole_parameters(self.model):
+                distributed.on_rank_0(what, lambda: self._final_save(save, validate), self.ctx)
         finally:
             self._close()
         distributed.leave(self.ctx)
@@ -417,8 +446,8 @@ class Loop:
 
         if self.ema is not None:
             self.ema.copy_to(self.trainable)
-        self._check_weights()
-        if prompts(self.args):
+        self._check_weights(whole=True)
+        if validate is not None and prompts(self.args):
             self._validate(validate)
         with self.clock.phase("saving"):
             injected_delay("final_save")

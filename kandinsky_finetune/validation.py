@@ -21,6 +21,8 @@ def generate(pipe, prompts, num_images_per_prompt, resolution, steps, seed, outp
             images += pipe(prompt, num_images_per_prompt=num_images_per_prompt, height=resolution, width=resolution,
                            num_inference_steps=steps, prior_num_inference_steps=steps, generator=generator).images
     folder = step_folder(output_dir, step)
+    if paddle.distributed.get_rank() != 0:  # (--sharding stage3: every rank generates together, rank 0 writes)
+        return folder
     os.makedirs(folder, exist_ok=True)
     for k, image in enumerate(images):
         image.save(os.path.join(folder, f"{k}.png"))

@@ -1,7 +1,8 @@
 """--sharding: stage 1 on 2 CPU processes (gloo) trains the same weights as plain data parallelism, with gradient
 accumulation and clipping that clips, while each rank holds about half of AdamW's state; its checkpoints hold the whole
-optimizer state (gathered to rank 0), resume exactly after kill -9, and resume on one process; stage 2 on a CPU is one
-error line; the memory plan divides what a stage shards by the number of processes."""
+optimizer state (gathered to rank 0), resume exactly after kill -9, and resume on one process; stages 2 and 3 on a CPU
+are one error line (stage 3 runs on CPUs in test_sharding_stage3.py); the memory plan divides what a stage shards by the
+number of processes."""
 import contextlib
 import os
 import re
@@ -139,12 +140,13 @@ def test_a_resume_maps_the_optimizer_state_instead_of_reading_it(runs):
         np.testing.assert_array_equal(np.asarray(mapped[k]), read[k].numpy())
 
 
-def test_stage2_on_a_cpu_is_one_error_line_before_anything_loads(tiny, tmp_path):
+@pytest.mark.parametrize("stage,what", [("stage2", "gradients"), ("stage3", "gradients and parameters")])
+def test_stages_2_and_3_on_a_cpu_are_one_error_line_before_anything_loads(tiny, tmp_path, stage, what):
     out = tmp_path / "out"
-    proc = run_script(SCRIPT, *model_args(tiny, out, "--sharding", "stage2"), check=False)
+    proc = run_script(SCRIPT, *model_args(tiny, out, "--sharding", stage), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: --sharding stage2: Paddle shards gradients on GPUs only (group_sharded_parallel); on cpu use "
+        f"error: --sharding {stage}: Paddle shards {what} on GPUs only (group_sharded_parallel); on cpu use "
         "--sharding stage1 (optimizer states)")
     assert "Traceback" not in proc.stderr and "memory plan" not in proc.stderr and not out.exists()
 
@@ -161,13 +163,25 @@ def plan_items(tiny, processes, *extra):
 
 
 @pytest.mark.parametrize("stage,divided", [("stage1", {"optimizer states"}),
-                                           ("stage2", {"optimizer states", "gradients"})])
-def test_the_plan_divides_what_the_stage_shards(tiny, stage, divided):
+                                           ("stage2", {"optimizer states", "gradients"}),
+                                           ("stage3", {"optimizer states", "gradients", "trained weights"})])
+def test_the_plan_divides_what_the_stage_shards(tiny, stage, divided, monkeypatch):
+    monkeypatch.setattr(memory_plan, "SLICED_ABOVE", 0)  # stage 3 slices every parameter (see the next test)
     whole = plan_items(tiny, 1, "--sharding", stage)
     assert whole == plan_items(tiny, 4)  # on one process nothing is sharded
     quarter = plan_items(tiny, 4, "--sharding", stage)
     for label, size in whole.items():
         assert quarter[label] == (size // 4 if label in divided else size), label
+    assert set(quarter) - set(whole) == ({"gathered layers"} if stage == "stage3" else set())
+
+
+def test_the_plan_of_stage3_divides_the_large_parameters_only(tiny, monkeypatch):
+    """Paddle's stage 3 slices parameters of more than 2**20 elements (segment_size) and keeps the others whole."""
+    whole, quarter = plan_items(tiny, 1), plan_items(tiny, 4, "--sharding", "stage3")
+    assert quarter["trained weights"] == whole["trained weights"]  # the tiny prior's are all small
+    monkeypatch.setattr(memory_plan, "SLICED_ABOVE", 1024)
+    quarter = plan_items(tiny, 4, "--sharding", "stage3")
+    assert whole["trained weights"] // 4 < quarter["trained weights"] < whole["trained weights"]
 
 
 def test_print_memory_plan_takes_the_process_count_from_the_launcher_variable(tiny):

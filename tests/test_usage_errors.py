@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import train_text_to_image_decoder
 import train_text_to_image_prior
 import train_text_to_image_prior_lora
 from conftest import ROOT, model_args, run
@@ -59,8 +60,8 @@ def test_an_image_that_fails_to_decode_is_one_clear_error_not_a_hang(tiny, tmp_p
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("extra", [[], ["--print_memory_plan", "gpu"]])
-def test_sharding_stage3_says_why_it_is_not_offered(tiny, tmp_path, extra):
-    with pytest.raises(UsageError, match=r"^--sharding stage3 \(parameters sharded too\) is not offered: .* stage1$"):
-        train_text_to_image_prior.main(model_args(tiny, tmp_path / "out", "--sharding", "stage3", *extra))
+def test_sharding_stage3_with_ema_says_why_not(tiny, tmp_path):
+    with pytest.raises(UsageError, match=r"^--use_ema with --sharding stage3: EMA averages the whole weights .* "
+                                         r"use --sharding stage2 with --use_ema$"):
+        train_text_to_image_decoder.main(model_args(tiny, tmp_path / "out", "--sharding", "stage3", "--use_ema"))
     assert not (tmp_path / "out").exists()
