@@ -188,6 +188,8 @@ def check(args):
         raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder")
+    if not args.push_to_hub and (args.hub_model_id or args.hub_token):
+        raise UsageError("--hub_model_id and --hub_token are for --push_to_hub; add it or drop them")
     if not args.save_to_aistudio and (args.aistudio_repo_id or args.aistudio_token):
         raise UsageError("--aistudio_repo_id and --aistudio_token are for --save_to_aistudio; add it or drop them")
     if args.save_to_aistudio and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.aistudio_repo_id or ""):

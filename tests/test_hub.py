@@ -67,8 +67,10 @@ def test_hugging_face_rejecting_the_name_fails_before_training(tiny, tmp_path):
     (["--save_to_aistudio", "--aistudio_repo_id", "kandi-lora"], "needs --aistudio_repo_id <user name>/<repo name>"),
     (["--aistudio_repo_id", "someone/kandi-lora"], "are for --save_to_aistudio"),
     (["--aistudio_token", "a-token"], "are for --save_to_aistudio"),
+    (["--hub_model_id", "someone/kandi-lora"], "--hub_model_id and --hub_token are for --push_to_hub"),
+    (["--hub_token", "hf_x"], "--hub_model_id and --hub_token are for --push_to_hub"),
 ])
-def test_aistudio_flags_that_cannot_work_are_usage_errors(tiny, tmp_path, flags, match):
+def test_upload_flags_that_cannot_work_are_usage_errors(tiny, tmp_path, flags, match):
     fails_before_training(tiny, tmp_path, flags, match)
 
 

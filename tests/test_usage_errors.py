@@ -65,3 +65,4 @@ def test_sharding_stage3_with_ema_says_why_not(tiny, tmp_path):
                                          r"use --sharding stage2 with --use_ema$"):
         train_text_to_image_decoder.main(model_args(tiny, tmp_path / "out", "--sharding", "stage3", "--use_ema"))
     assert not (tmp_path / "out").exists()
+
