@@ -71,7 +71,8 @@ def encode_dataset(ds, encode_batch, features, key, batch_size, ctx, log, clock)
             mine = shard(ctx.rank)
         finally:
             datasets.disable_progress_bars()
-        distributed.barrier(ctx)  # every shard is on disk before anyone reads the others'
+        # every shard is on disk before anyone reads the others'; ranks may finish minutes apart
+        distributed.wait_for_everyone("encoding their shards", ctx)
         parts = [mine if rank == ctx.rank else shard(rank) for rank in range(ctx.world_size)]
     encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else mine
     files = sorted({f["filename"] for f in encoded.cache_files})

@@ -12,9 +12,11 @@ Gloo's 30 s is fixed in Paddle 3.3 (neither init_parallel_env, new_group(timeout
 reach the gloo context), so a rank waiting longer than that in one collective dies. Work rank 0 does alone
 (validation, a checkpoint, the final save and upload) therefore runs through `on_rank_0`: while it runs, every
 rank joins a small all-reduce every few seconds, so nobody waits long in one collective, and a rank that
-really dies still fails the others' next one at once.
+really dies still fails the others' next one at once. Where every rank has worked by itself for long (loading the
+models, encoding its shard of the cache) they meet in `wait_for_everyone`, a barrier on the TCP store with no limit.
 """
 import contextlib
+import itertools
 import os
 import threading
 from dataclasses import dataclass
@@ -91,6 +93,33 @@ def barrier(ctx):
     if ctx.world_size > 1:
         with _collective("waiting for the other processes", ctx):
             dist.barrier()
+
+
+_arrivals = itertools.count()  # wait_for_everyone's calls, the same on every rank
+
+
+def wait_for_everyone(what, ctx, poll_seconds=0.5, report_seconds=60):
+    """A barrier with no time limit, for where the ranks arrive far apart (each has loaded minutes of models, or
+    encoded its own shard of the data): a gloo barrier gives up after 30 s. Each rank counts itself in on the launch's
+    TCP store (rank 0's, the one every process joined at start-up) and polls it until every rank has; rank 0 says
+    every `report_seconds` how many it still waits for. A rank 0 that dies takes the store with it: one line here."""
+    if ctx.world_size == 1:
+        return
+    import time
+
+    from paddle.base import core
+
+    key = f"kandinsky_finetune/{next(_arrivals)}"
+    with _collective(f"waiting for the other processes to finish {what}", ctx):
+        store = core.create_or_get_global_tcp_store()
+        arrived, since = store.add(key, 1), time.monotonic()
+        while arrived < ctx.world_size:
+            time.sleep(poll_seconds)
+            arrived = store.add(key, 0)
+            if ctx.is_main and time.monotonic() - since >= report_seconds and arrived < ctx.world_size:
+                print(f"waiting for {ctx.world_size - arrived} of {ctx.world_size} processes to finish {what}",
+                      flush=True)
+                since = time.monotonic()
 
 
 def leave(ctx):

@@ -136,10 +136,14 @@ SLOW_ENV = "KANDINSKY_FAULT_SLOW"
 
 
 def injected_delay(where):
-    """Tests make rank 0's solo work slow: KANDINSKY_FAULT_SLOW="checkpoint=10,validation=10,final_save=10" sleeps
-    that many seconds at the start of each checkpoint, validation or final save. Unset, it does nothing."""
+    """Tests make work slow: KANDINSKY_FAULT_SLOW="checkpoint=10,validation=10,final_save=10" sleeps that many
+    seconds at the start of each checkpoint, validation or final save (rank 0's solo work), "loading@1=40" on rank 1
+    alone once it has loaded its models and data. Unset, it does nothing."""
     for item in filter(None, os.environ.get(SLOW_ENV, "").split(",")):
         name, _, seconds = item.partition("=")
-        if name.strip() == where:
+        name, _, rank = name.strip().partition("@")
+        if rank and rank != os.environ.get("PADDLE_TRAINER_ID", "0"):
+            continue
+        if name == where:
             os.write(2, f"{SLOW_ENV}: {where} sleeps {seconds} s\n".encode())  # tests wait for this line
             time.sleep(float(seconds))

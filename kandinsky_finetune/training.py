@@ -216,6 +216,9 @@ class Loop:
         self.sampler, self.loader, self.checkpointer = sampler, loader, checkpointer
         self.steps_per_epoch, self.max_train_steps, self.num_epochs = plan_steps(
             sampler.batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
+        # the ranks' first collective since start_run: each arrives after minutes of loading, at its own time
+        faults.injected_delay("loading")
+        distributed.wait_for_everyone("loading their models and data", self.ctx)
         if args.sharding:  # before resuming: each rank's sharding optimizer takes its own part of the saved state
             from . import sharding
 

@@ -133,6 +133,20 @@ def test_rank_0_working_alone_longer_than_gloos_timeout_kills_nobody(tiny, tmp_p
     assert_same(out, two_process_run, atol=1e-5)  # (sharded: the same weights as data parallel, within rounding)
 
 
+def test_a_rank_done_loading_long_after_the_others_kills_nobody(tiny, tmp_path, two_process_run):
+    """Each rank loads its models and data by itself (minutes at real size, never at the same pace): before
+    distributed.wait_for_everyone, the first rank to arrive died in gloo's barrier 30 s later (measured: rank 1 40 s
+    late, rank 0 stopped with a gloo TIMEOUT)."""
+    out = tmp_path / "out"
+    with ended([start(launch(SCRIPT, tmp_path / "log", *model_args(tiny, out, *COMMON)), tmp_path / "launch.log",
+                      cwd=tmp_path, env={SLOW_ENV: "loading@1=40"})]) as (launcher,):
+        code = launcher.wait(timeout=400)
+    logs = worker_logs(tmp_path / "log")
+    assert code == 0, "\n".join(log[-3000:] for log in logs)
+    assert f"{SLOW_ENV}: loading sleeps 40 s" in logs[1] and "sleeps" not in logs[0]
+    assert_same(out, two_process_run, atol=0)
+
+
 def test_a_dead_rank_0_ends_the_other_machine_at_once_while_it_works_alone(tiny, tmp_path):
     """rank 0 killed in the middle of a checkpoint: the other machine's launcher (which cannot see rank 0 die)
     ends within seconds, with one line saying what it was waiting for."""
