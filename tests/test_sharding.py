@@ -25,15 +25,16 @@ COMMON = ["--max_train_steps", 12, "--checkpointing_steps", 2, "--train_batch_si
           2, "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--lr_warmup_steps", 1]
 
 
-def launch_command(tiny, out, logs, *extra, script=SCRIPT, common=COMMON):
+def launch_command(tiny, out, logs, *extra, script=SCRIPT, common=COMMON, program=None):
+    """`program`: what each process runs (default: the script)."""
     return [str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
-                             logs, ROOT / script, *model_args(tiny, out, *common, *extra))]
+                             logs, *(program or [ROOT / script]), *model_args(tiny, out, *common, *extra))]
 
 
-def launch(tiny, tmp_path, name, *extra, logs=None):
+def launch(tiny, tmp_path, name, *extra, logs=None, **command):
     """A 2-process launch into tmp_path/name; (output folder, rank 0's log)."""
     out, logs = tmp_path / name, tmp_path / (logs or f"{name}-logs")
-    proc = run(launch_command(tiny, out, logs, *extra), cwd=tmp_path, check=False)
+    proc = run(launch_command(tiny, out, logs, *extra, **command), cwd=tmp_path, check=False)
     log0 = (logs / "workerlog.0").read_text()
     assert proc.returncode == 0, log0[-3000:] + (logs / "workerlog.1").read_text()[-3000:]
     return out, log0

@@ -5,15 +5,15 @@ checkpoints hold both whole and resume exactly; validation runs on every rank to
 parallelism makes; the decoder scripts, full and LoRA, run and save."""
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, model_args, run, state_dict_of
+from conftest import ROOT, state_dict_of
 from test_sharding import COMMON, assert_same_optimizer_state
+from test_sharding import launch as launch_2_processes
 from kandinsky_finetune.checkpoint import load_state
 
 SCRIPT = "train_text_to_image_prior.py"
@@ -29,14 +29,8 @@ NO_GRADIENT = "to_k.bias"
 
 def launch(tiny, tmp_path, name, *extra, script=SCRIPT, stage3=True, common=STAGE3):
     """A 2-process launch into tmp_path/name (through the shim with `stage3`); (output folder, rank 0's log)."""
-    out, logs = tmp_path / name, tmp_path / f"{name}-logs"
-    shim = [SHIM, script, "--sharding", "stage3"] if stage3 else [ROOT / script]
-    cmd = [str(a) for a in (sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
-                            logs, *shim, *model_args(tiny, out, *common, *extra))]
-    proc = run(cmd, cwd=tmp_path, check=False)
-    log0 = (logs / "workerlog.0").read_text()
-    assert proc.returncode == 0, log0[-3000:] + (logs / "workerlog.1").read_text()[-3000:]
-    return out, log0
+    program = [SHIM, script, "--sharding", "stage3"] if stage3 else [ROOT / script]
+    return launch_2_processes(tiny, tmp_path, name, *extra, program=program, common=common)
 
 
 @pytest.fixture(scope="module")
