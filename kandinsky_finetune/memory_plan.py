@@ -180,9 +180,9 @@ def build(args, kind, lora, device=None, processes=1):
     fractions = {}
     if stage == "stage3":
         base = sliced_fraction(models[trained_model])
-        fractions = {"frozen base model": base} if lora else {}
-        for label in ("trained weights", "gradients", "optimizer states"):
-            fractions[label] = 0.0 if lora else base
+        trained_part = 0.0 if lora else base
+        fractions = {"frozen base model": base, "trained weights": trained_part, "gradients": trained_part,
+                     "optimizer states": trained_part}
 
     def share(label, size, note):  # this process's part of what --sharding divides
         if label not in sharded:

@@ -112,18 +112,18 @@ def accumulators(optimizer):
     return len(tensors), sum(t.size * t.element_size() for t in tensors)
 
 
-def log_shares(optimizer, log, weights=()):
+def log_shares(optimizer, log, model, trainable):
     """After the first step (when Paddle has created the optimizer state): one line with each rank's part of it, and
-    of the trained `weights` where they are sliced (stage 3: sharding.local_weights). Collective."""
+    with stage 3 of the `trainable` weights of `model` (local_weights). Collective."""
     import paddle.distributed as dist
 
     shares = []
-    held = sum(t.size * t.element_size() for t in weights)
-    dist.all_gather_object(shares, (*accumulators(optimizer), held))
+    weights = local_weights(model, trainable) if is_stage3(model) else []
+    dist.all_gather_object(shares, (*accumulators(optimizer), sum(t.size * t.element_size() for t in weights)))
     log("optimizer state per process (--sharding): " + ", ".join(
-        f"rank {rank} {size / 1e6:.3f} MB in {count} tensors" + (f" (trained weights {weights / 1e6:.3f} MB)"
+        f"rank {rank} {size / 1e6:.3f} MB in {count} tensors" + (f" (trained weights {held / 1e6:.3f} MB)"
                                                                  if weights else "")
-        for rank, (count, size, weights) in enumerate(shares)))
+        for rank, (count, size, held) in enumerate(shares)))
 
 
 # ---------------------------------------------------------------- checkpoints: the shards gathered to rank 0
@@ -238,8 +238,6 @@ class ParameterSlices:
 
     def cut(self, state):
         """A whole optimizer state (a checkpoint's) as this rank's optimizer names and holds it."""
-        import numpy as np
-
         out = {}
         for key, value in state.items():
             name = self._parameter(key) if isinstance(key, str) else None
@@ -247,10 +245,8 @@ class ParameterSlices:
                 out[key] = value
                 continue
             if self._is_moment(name, value.shape, whole=True):
-                start, end = self.ranges[name][self.rank]
-                flat = np.asarray(value.numpy() if isinstance(value, paddle.Tensor) else value).reshape(-1)
-                flat = np.concatenate([flat, np.zeros(self.buffer_sizes[name] - flat.size, flat.dtype)])
-                value = np.ascontiguousarray(flat[start:end])
+                value = _slice_of(value.numpy() if isinstance(value, paddle.Tensor) else value,
+                                  self.buffer_sizes[name], self.ranges[name][self.rank])
             out[self.PREFIX + key] = value  # (a beta power: the same on every rank)
         return out
 
@@ -285,11 +281,26 @@ class _Joined(_Shard):
         return paddle.concat(parts)[:self.size].reshape(self.shape)
 
 
+def _slice_of(whole, buffer_size, rank_range):
+    """A rank's slice of a parameter's values (numpy), as GroupShardedStage3 cuts them: flattened, padded with zeros
+    to the buffer size, this rank's (start, end)."""
+    import numpy as np
+
+    flat = np.asarray(whole).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(buffer_size - flat.size, flat.dtype)])
+    start, end = rank_range
+    return np.ascontiguousarray(flat[start:end])
+
+
+def _is_sliced(p):
+    """A parameter stage 3 holds as this rank's slice just now (not kept whole, not gathered for a layer)."""
+    return getattr(p, "fw_storage", None) is not None and getattr(p, "status", "") == "part"
+
+
 def _sliced(model):
     """The trained parameters stage 3 holds in slices (frozen ones, a LoRA run's base model, are never saved), in the
     same order on every rank."""
-    return [p for p in model._layer.parameters() if not p.stop_gradient and getattr(p, "fw_storage", None) is not None
-            and getattr(p, "status", "") == "part"]
+    return [p for p in model._layer.parameters() if not p.stop_gradient and _is_sliced(p)]
 
 
 @contextlib.contextmanager
@@ -319,8 +330,8 @@ def whole_parameters(model):
 
 
 def loads_into_slices(model, load_weights):
-    """`load_weights(folder)` for a stage-3 model: every rank reads the whole weights into host memory, a parameter
-    at a time, and keeps its slice of each."""
+    """`load_weights(folder)` for a stage-3 model: every rank reads the whole trained weights into host memory (the
+    loader fills parameters by name, so all are whole for the while) and keeps its slice of each."""
     import numpy as np
 
     def load(folder):
@@ -330,10 +341,8 @@ def loads_into_slices(model, load_weights):
         try:
             load_weights(folder)
             for p in sliced:
-                start, end = model._param2buffer[p.name][model._rank]
-                flat = p.numpy().reshape(-1)
-                flat = np.concatenate([flat, np.zeros(model._param2buffer_size[p.name] - flat.size, flat.dtype)])
-                p.fw_storage.set_value(np.ascontiguousarray(flat[start:end]))
+                p.fw_storage.set_value(_slice_of(p.numpy(), model._param2buffer_size[p.name],
+                                                 model._param2buffer[p.name][model._rank]))
         finally:
             for p in sliced:
                 p._clear_data()
@@ -345,8 +354,7 @@ def local_weights(model, parameters):
     """What this rank holds of `parameters`: with stage 3 a sliced parameter's slice, a whole one as it is."""
     if not is_stage3(model):
         return list(parameters)
-    return [p.fw_storage if getattr(p, "fw_storage", None) is not None and getattr(p, "status", "") == "part" else p
-            for p in parameters]
+    return [p.fw_storage if _is_sliced(p) else p for p in parameters]
 
 
 def local_gradients(model, parameters):

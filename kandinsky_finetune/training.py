@@ -316,10 +316,9 @@ class Loop:
             self.log.warn(warning)
         self.precision.step(self.optimizer)
         if self.args.sharding and step == self._first_step:
-            from .sharding import is_stage3, local_weights, log_shares
+            from .sharding import log_shares
 
-            log_shares(self.optimizer, self.log, local_weights(self.model, self.trainable) if is_stage3(self.model)
-                       else ())
+            log_shares(self.optimizer, self.log, self.model, self.trainable)
         self.lr_scheduler.step()
         # Gradients are freed, not zeroed: between steps (checkpoints, validation) their memory is free
         self.optimizer.clear_grad(set_to_zero=False)
@@ -389,21 +388,17 @@ class Loop:
 
     def validate_if_due(self, epoch, validate):
         """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0), on rank 0 while the others wait,
-        when there is a prompt; the end of training validates in finish()."""
+        when there is a prompt; the end of training validates in finish(). With --sharding stage3 every rank
+        validates alike (the trained model's layers gather their slices from every rank); rank 0 writes the images."""
+        from .distributed import on_rank_0
+        from .sharding import is_stage3
         from .validation import prompts
 
         if prompts(self.args) and epoch % self.args.validation_epochs == 0 and not self.done:
-            self._validation_round(f"validating at step {self.global_step}", lambda: self._validate(validate))
-
-    def _validation_round(self, what, work):
-        """Rank 0's validation while the others wait; with --sharding stage3 every rank validates alike (the trained
-        model's layers gather their slices from every rank) and rank 0 alone writes the images."""
-        from .distributed import on_rank_0
-        from .sharding import is_stage3
-
-        if is_stage3(self.model):
-            return work()
-        return on_rank_0(what, work, self.ctx)
+            if is_stage3(self.model):
+                self._validate(validate)
+            else:
+                on_rank_0(f"validating at step {self.global_step}", lambda: self._validate(validate), self.ctx)
 
     def _validate(self, validate):
         from .faults import injected_delay
@@ -429,7 +424,7 @@ class Loop:
         release_optimizer_state(self.optimizer)  # the last checkpoint is written: the final save needs the room
         distributed.barrier(self.ctx)
         try:
-            if is_stage3(self.model):  # every rank validates (see _validation_round), then the weights are gathered
+            if is_stage3(self.model):  # every rank validates (see validate_if_due), then the weights are gathered
                 if prompts(self.args):
                     self._validate(validate)
                 validate = None
