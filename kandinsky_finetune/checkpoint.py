@@ -291,10 +291,11 @@ def check_every_rank_resumes_alike(args, resume_state, ctx):
             return f"checkpoint-{s}" if s >= 0 else "no checkpoint"
 
         here = "" if step == rank_0_step else f"; rank {ctx.rank} finds {found(step)}"
-        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {int(others)} of {ctx.world_size} "
-                         f"processes do not find the checkpoint rank 0 resumes from ({found(rank_0_step)}{here}): "
-                         "every machine must see output_dir's checkpoints: put --output_dir on a shared file system, "
-                         "or copy the checkpoint to the same path on each machine")
+        distributed.raise_together(UsageError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: {int(others)} of {ctx.world_size} processes do "
+            f"not find the checkpoint rank 0 resumes from ({found(rank_0_step)}{here}): every machine must see "
+            "output_dir's checkpoints: put --output_dir on a shared file system, or copy the checkpoint to the same "
+            "path on each machine"), ctx)
 
 
 def load_state(path, mapped_optimizer=False):

@@ -130,6 +130,14 @@ def leave(ctx):
             dist.destroy_process_group()
 
 
+def raise_together(error, ctx):
+    """Raise `error`, which every rank raises at this same point (they agreed on it in a collective): each leaves the
+    process group first, as at the end of a run (see leave). Ranks that exited on an error apart were seen to abort
+    the same way: rank 0's launcher exited 250 (-6) instead of the error's status, once in the CI suite."""
+    leave(ctx)
+    raise error
+
+
 def sum_across_ranks(values, ctx, what="the per-step all-reduce"):
     """Element-wise sums of a list of python floats over all ranks, in one all-reduce."""
     if ctx.world_size == 1:
@@ -178,11 +186,10 @@ def on_rank_0(what, work, ctx):
             mine = _WORKING
         (state,) = sum_across_ranks([mine], ctx, what=f"waiting while rank 0 is {what}")
     if state == _FAILED:
-        if ctx.is_main:
-            raise outcome[1]
         from .faults import RunError
 
-        raise RunError(f"rank {ctx.rank}: rank 0 failed while {what} (its log says why); stopping too")
+        raise_together(outcome[1] if ctx.is_main else
+                       RunError(f"rank {ctx.rank}: rank 0 failed while {what} (its log says why); stopping too"), ctx)
     return outcome[0] if ctx.is_main else None
 
 

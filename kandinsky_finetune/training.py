@@ -311,7 +311,10 @@ class Loop:
         loss, bad_grads, stop = distributed.sum_across_ranks(
             [self._loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
         loss /= self.ctx.world_size
-        warning = faults.check_step(step, loss, bad_grads == 0, self.precision.scaler)
+        try:  # every rank has the same loss and count, so all stop here together
+            warning = faults.check_step(step, loss, bad_grads == 0, self.precision.scaler)
+        except faults.RunError as e:
+            distributed.raise_together(e, self.ctx)
         if warning:
             self.log.warn(warning)
         self.precision.step(self.optimizer)
@@ -338,7 +341,7 @@ class Loop:
             signum = self.stop.signum or signal.SIGTERM  # (a signal another rank got)
             self.log(f"stopped by {signal.Signals(signum).name} after step {self.global_step}: saved {path}; "
                      "continue with --resume_from_checkpoint latest")
-            raise faults.Stopped(signum)
+            distributed.raise_together(faults.Stopped(signum), self.ctx)
 
     def _checkpoint(self):
         """checkpoint-<step>, written by rank 0 while the others wait (with --sharding they first send it their
@@ -363,17 +366,21 @@ class Loop:
     def _check_weights(self, whole=False):
         """Every rank checks what it holds (with --sharding stage3 its slices, and all ranks agree); `whole`: rank 0
         alone, with the weights gathered."""
-        from .distributed import sum_across_ranks
+        from . import distributed
         from .faults import RunError, all_finite
         from .sharding import is_stage3, local_weights
 
         held = self.trainable if whole else local_weights(self.model, self.trainable)
         finite = all_finite(list(held) + (list(self.ema.shadow_params) if self.ema is not None else []))
         if is_stage3(self.model) and not whole:
-            finite = sum_across_ranks([0.0 if finite else 1.0], self.ctx)[0] == 0
+            finite = distributed.sum_across_ranks([0.0 if finite else 1.0], self.ctx)[0] == 0
         if not finite:
-            raise RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: training "
-                           "diverged; nothing was saved from it (try a lower --learning_rate, or --max_grad_norm)")
+            error = RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: "
+                             "training diverged; nothing was saved from it (try a lower --learning_rate, or "
+                             "--max_grad_norm)")
+            if is_stage3(self.model) and not whole:  # agreed by all ranks
+                distributed.raise_together(error, self.ctx)
+            raise error
 
     def _close(self):
         """End of the run, whatever the way: the progress bar, the tracker, the signal handlers."""

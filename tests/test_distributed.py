@@ -174,7 +174,7 @@ def test_resuming_on_two_machines_where_one_does_not_see_the_checkpoint_is_an_er
     with ended(start_nodes(tiny, tmp_path, *COMMON, "--resume_from_checkpoint", "latest")) as nodes:
         codes = [node.wait(timeout=300) for node in nodes]
     logs = worker_logs(tmp_path / "log0", tmp_path / "log1")
-    assert codes == [2, 2]  # a usage error, on both machines
+    assert codes == [2, 2], "\n".join(log[-3000:] for log in logs)  # a usage error, on both machines
     for log in logs:
         assert "error: --resume_from_checkpoint latest: 1 of 2 processes do not find the checkpoint rank 0 resumes " \
                "from (checkpoint-4" in log and "Traceback" not in log, log[-2000:]
