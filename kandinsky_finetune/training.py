@@ -372,13 +372,14 @@ class Loop:
 
         held = self.trainable if whole else local_weights(self.model, self.trainable)
         finite = all_finite(list(held) + (list(self.ema.shadow_params) if self.ema is not None else []))
-        if is_stage3(self.model) and not whole:
+        agreed = is_stage3(self.model) and not whole
+        if agreed:
             finite = distributed.sum_across_ranks([0.0 if finite else 1.0], self.ctx)[0] == 0
         if not finite:
             error = RunError(f"step {self.global_step}: the weights are not finite after this optimizer step: "
                              "training diverged; nothing was saved from it (try a lower --learning_rate, or "
                              "--max_grad_norm)")
-            if is_stage3(self.model) and not whole:  # agreed by all ranks
+            if agreed:
                 distributed.raise_together(error, self.ctx)
             raise error
 

@@ -62,3 +62,17 @@ def state_dict_of(folder):
              if os.path.basename(f) != "training_state.safetensors"]  # (a LoRA checkpoint's state sits beside it)
     assert len(files) == 1, files
     return load_file(files[0])
+
+
+# The longest tests (minutes each, measured with --durations) go first: with two test processes (-n 2) one of them
+# running last would leave the other idle to the end.
+LONGEST_FIRST = ("test_readme.py::test_readme_blocks_run_as_written",
+                 "test_distributed.py::test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        names = [i for i, name in enumerate(LONGEST_FIRST) if item.nodeid.endswith(name)]
+        return names[0] if names else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
