@@ -230,9 +230,10 @@ def run(main):
 
 
 def exit_process(status):
-    """Exit with `status`. A process of a multi-process launch skips the interpreter's teardown: Paddle 3.3 was seen
-    to abort there (SIGABRT, so the launcher reports exit -6 for a run that had finished and said so, once in about
-    50 gloo launches), and by now the run has closed what it wrote: its files, its tracker, the process group."""
+    """Exit with `status`. A process of a multi-process launch skips the interpreter's teardown, where Paddle 3.3 was
+    seen to abort (SIGABRT without Paddle's own abort message, so the launcher exits 250 for a run that had finished
+    and said so: twice in one CI run of the suite's gloo launches); by now the run has closed what it wrote: its files,
+    its tracker, the process group."""
     import logging
     import sys
 
