@@ -12,7 +12,7 @@ import json
 import os
 
 # Bump when what a script stores in the cache changes, so old caches are not read with the new meaning.
-CACHE_VERSION = "2"  # 2: the decoder's CLIP input is the crop before resizing
+CACHE_VERSION = "3"  # 2: the decoder's CLIP input is the crop before resizing; 3: images 1 or 3 px high read right
 
 
 def fingerprint(*parts):

@@ -240,7 +240,13 @@ def to_movq_input(image):
 
 
 def clip_input(image_processor, image):
-    return image_processor(image, return_tensors="np").pixel_values[0].astype(np.float32)
+    """PIL RGB -> the CLIP image encoder's float32 CHW input. The processor gets the pixels channels first, which tells
+    it the layout: it guesses the channel axis from the shape (paddlenlp 2.8's has no input_data_format), and reads an
+    image 1 or 3 pixels high as channels first, which fails (1 px: "mean must have 1 elements") or mixes rows and
+    colours (3 px). A first axis of 3 it always reads as the channels; other images give the numbers they gave as
+    PIL images."""
+    pixels = np.asarray(image).transpose(2, 0, 1)
+    return image_processor(pixels, return_tensors="np").pixel_values[0].astype(np.float32)
 
 
 def sample_rng(seed, epoch, index):

@@ -250,3 +250,46 @@ def test_a_dataset_mixing_string_and_list_captions_trains(tiny, tmp_path):
     run([sys.executable, "-u", str(ROOT / "train_text_to_image_prior.py"), *args], timeout=300)
     losses = logged(out)
     assert len(losses) == 2 and all(map(math.isfinite, losses))
+
+
+# ---------------------------------------------------------------- images 1 or 3 pixels on a side
+TINY_SIZES = [(1, 1), (1, 3), (3, 1), (3, 3), (5, 3)]  # (width, height)
+
+
+def clip_by_hand(processor, image):
+    """What CLIP's preprocessing means for an RGB image: shortest side resized to `size`, centre crop, scaled to
+    [0, 1], normalized, channels first."""
+    (w, h), side, crop = image.size, processor.size["shortest_edge"], processor.crop_size["height"]
+    size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    pixels = np.asarray(image.resize(size, resample=processor.resample), dtype=np.float32) / 255
+    top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
+    pixels = pixels[top:top + crop, left:left + crop]
+    return ((pixels - np.array(processor.image_mean)) / np.array(processor.image_std)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("size", TINY_SIZES + [(40, 56)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_clip_input_of_an_image_1_or_3_pixels_high(tiny, size):
+    """The image processor guessed the channel axis from the array's shape: a 1-pixel-high image stopped training
+    ("mean must have 1 elements"), a 3-pixel-high one had its rows taken for colours."""
+    processor = fake_components(tiny).image_processor
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    np.testing.assert_allclose(clip_input(processor, image), clip_by_hand(processor, image), atol=1e-5)
+
+
+@pytest.mark.parametrize("script,model", [("train_text_to_image_decoder.py", "unet"),
+                                          ("train_text_to_image_prior.py", "prior")], ids=["decoder", "prior"])
+def test_a_dataset_of_images_1_or_3_pixels_on_a_side_trains(tiny, tmp_path, script, model):
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for k, (w, h) in enumerate(TINY_SIZES):
+            picture((w, h)).save(data / f"{w}x{h}.png")
+            f.write(json.dumps({"file_name": f"{w}x{h}.png", "text": f"picture {k}"}) + "\n")
+    out = tmp_path / "out"
+    args = model_args(tiny, out, "--cache_dir", tmp_path / "hf", "--max_train_steps", 1,
+                      "--train_batch_size", len(TINY_SIZES))  # the one step sees them all
+    args[args.index("--train_data_dir") + 1] = str(data)
+    run([sys.executable, "-u", str(ROOT / script), *args], timeout=300)
+    losses = logged(out)
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert all(np.isfinite(v).all() for v in state_dict_of(out / model).values())
