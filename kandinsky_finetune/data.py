@@ -32,6 +32,8 @@ def load_train_dataset(args, seed, columns):
             ds = load_image_folder(args.train_data_dir, args.cache_dir)
         elif _is_saved_dataset(args.dataset_name):
             ds = datasets.load_from_disk(args.dataset_name)
+        elif (folder := local_image_folder(args.dataset_name, args.dataset_config_name, args.cache_dir)) is not None:
+            ds = read_image_folder(folder)  # what --train_data_dir accepts, --dataset_name accepts too
         else:
             ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     except UsageError:
@@ -60,13 +62,28 @@ def load_train_dataset(args, seed, columns):
 
 
 def load_image_folder(folder, cache_dir):
-    """`load_dataset("imagefolder", data_dir=folder)`, with its metadata files read by `read_metadata` and checked
-    by `check_metadata_rows` (every time: a dataset already in the cache may have been built without the check). The
-    builder is imagefolder's own, so its cache and fingerprints (which follow the files' modification times) are
-    those of `load_dataset`."""
+    """`load_dataset("imagefolder", data_dir=folder)`, read by `read_image_folder`."""
     import datasets
 
-    builder = datasets.load_dataset_builder("imagefolder", data_dir=folder, cache_dir=cache_dir)
+    return read_image_folder(datasets.load_dataset_builder("imagefolder", data_dir=folder, cache_dir=cache_dir))
+
+
+def local_image_folder(path, config_name, cache_dir):
+    """The builder `load_dataset(path, config_name)` would use, if `path` is a local folder it reads as imagefolder
+    (images, maybe with metadata files), else None."""
+    import datasets
+
+    if not os.path.isdir(path):
+        return None
+    builder = datasets.load_dataset_builder(path, config_name, cache_dir=cache_dir)
+    return builder if builder.name == "imagefolder" else None
+
+
+def read_image_folder(builder):
+    """The dataset of an imagefolder `builder`, with its metadata files read by `read_metadata` and checked by
+    `check_metadata_rows` (every time: a dataset already in the cache may have been built without the check). The
+    builder is imagefolder's own, so its cache and fingerprints (which follow the files' modification times) are
+    those of `load_dataset`."""
     tables = {}
 
     def read_once(path, metadata_ext=""):  # (imagefolder reads a metadata file again for every folder of images)
@@ -90,7 +107,10 @@ def read_metadata(path, metadata_ext, read):
     import pyarrow.json
 
     if metadata_ext != ".jsonl":
-        table = read(path, metadata_ext=metadata_ext)
+        try:
+            table = read(path, metadata_ext=metadata_ext)
+        except Exception as e:  # (pandas' or pyarrow's reader: many types)
+            raise UsageError(f"cannot read {path}: {_first_line(e)}") from None
         return table, [f"row {i + 1}" for i in range(len(table))]
     lines, rows = [], []
     with open(path, encoding="utf-8") as f:
@@ -105,6 +125,8 @@ def read_metadata(path, metadata_ext, read):
                 raise UsageError(f"{path}, line {n} is not a JSON object (one {{\"file_name\": ..., ...}} per line)")
             lines.append(n)
             rows.append(row)
+    if not rows:
+        raise UsageError(f"{path} is empty: it needs a line {{\"file_name\": ..., ...}} for each image")
     listed = {key for row in rows for key, value in row.items() if isinstance(value, list)}
     rows = [{k: [v] if k in listed and isinstance(v, str) else v for k, v in row.items()} for row in rows]
     table = pyarrow.json.read_json(io.BytesIO("".join(json.dumps(row) + "\n" for row in rows).encode()))
@@ -112,12 +134,18 @@ def read_metadata(path, metadata_ext, read):
 
 
 def check_metadata_rows(path, table, places, extensions):
-    """Every row of a metadata file names an image file that exists: imagefolder would drop the row without a word."""
+    """Every row of a metadata file names an image file that exists, and no other row names it: imagefolder would drop
+    such a row without a word (a second row of an image replaces the first)."""
     names = table.column("file_name").to_pylist() if "file_name" in table.column_names else [None] * len(table)
-    folder = os.path.dirname(path)
+    folder, seen = os.path.dirname(path), {}
+    if not names:
+        raise UsageError(f"{path} has no rows: it needs one for each image")
     for place, name in zip(places, names):
         if not isinstance(name, str):
             raise UsageError(f"{path}, {place}: no \"file_name\" (the image file the row describes)")
+        if seen.setdefault(os.path.normpath(name), place) != place:
+            raise UsageError(f"{path}, {place}: {name} has a row already ({seen[os.path.normpath(name)]}); "
+                             "give each image one row (a list of captions for several)")
         if not os.path.isfile(os.path.join(folder, name)):
             raise UsageError(f"{path}, {place}: image file {name} does not exist in {folder}; add it or remove the row")
         if os.path.splitext(name)[1].lower() not in extensions:

@@ -1,4 +1,5 @@
 """Bad input: one clear line naming the problem, exit status 2, before training, and nothing written."""
+import json
 import os
 import shutil
 import sys
@@ -57,6 +58,19 @@ def case_row_without_image(tiny, tmp_path):
     return ["--train_data_dir", data], "metadata.jsonl, line 6: image file 005.png does not exist in"
 
 
+def case_duplicate_row(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    with open(data / "metadata.jsonl", "a") as f:  # imagefolder keeps the last row of an image, without a word
+        f.write(json.dumps({"file_name": "002.png", "text": ["another caption"]}) + "\n")
+    return ["--train_data_dir", data], "metadata.jsonl, line 9: 002.png has a row already (line 3)"
+
+
+def case_empty_metadata(tiny, tmp_path):
+    data = copy_dataset(tiny, tmp_path)
+    (data / "metadata.jsonl").write_text("")
+    return ["--train_data_dir", data], "metadata.jsonl is empty"
+
+
 def case_model_without_subfolders(tiny, tmp_path):
     fake = tmp_path / "fake_repo"
     shutil.copytree(os.path.join(tiny.decoder, "unet"), fake / "unet")
@@ -70,7 +84,8 @@ def case_output_dir_is_file(tiny, tmp_path):
 
 
 CASES = [case_missing_dir, case_empty_dir, case_missing_hub_dataset, case_wrong_image_column, case_unreadable_image,
-         case_image_without_row, case_row_without_image, case_model_without_subfolders, case_output_dir_is_file]
+         case_image_without_row, case_row_without_image, case_duplicate_row, case_empty_metadata,
+         case_model_without_subfolders, case_output_dir_is_file]
 
 
 def with_overrides(args, overrides):
@@ -197,6 +212,21 @@ def test_image_and_metadata_out_of_step_is_one_error_line_naming_the_file(tiny, 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last and "005.png" in last
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case,script", [(case_duplicate_row, "train_text_to_image_prior.py"),
+                                         (case_empty_metadata, "train_text_to_image_decoder.py")],
+                         ids=["duplicate_row", "empty_metadata"])
+def test_a_local_folder_as_dataset_name_is_checked_like_train_data_dir(tiny, tmp_path, case, script):
+    """--dataset_name given a local image folder is read as --train_data_dir's is: one line naming the file."""
+    overrides, expected = case(tiny, tmp_path)
+    data = overrides[overrides.index("--train_data_dir") + 1]
+    args = with_overrides(model_args(tiny, tmp_path / "out"), ["--train_data_dir", None, "--dataset_name", data])
+    proc = run([sys.executable, str(ROOT / script), *args], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data / 'metadata.jsonl'}") and expected in last, last
     assert not (tmp_path / "out").exists()
 
 

@@ -242,6 +242,15 @@ def test_a_string_caption_beside_lists_is_a_list_of_one(tiny, tmp_path):
     assert load_folder(tmp_path / "mixed", tmp_path / "hf")._fingerprint not in (fingerprint, recaptioned._fingerprint)
 
 
+def test_a_local_folder_given_as_dataset_name_is_read_as_train_data_dir_is(tiny, tmp_path):
+    """`load_dataset` refused a caption column mixing strings and lists ("ArrowInvalid: ... changed from string to
+    array"); --dataset_name naming a local image folder now goes through --train_data_dir's loader."""
+    folder = with_string_captions(tiny, tmp_path / "mixed")
+    args = SimpleNamespace(train_data_dir=None, dataset_name=str(folder), dataset_config_name=None,
+                           cache_dir=str(tmp_path / "hf"), image_column="image", max_train_samples=None)
+    assert load_train_dataset(args, 0, ["image", "text"])["text"] == load_folder(folder, tmp_path / "hf")["text"]
+
+
 def test_a_dataset_mixing_string_and_list_captions_trains(tiny, tmp_path):
     data = with_string_captions(tiny, tmp_path / "data")
     out = tmp_path / "out"
