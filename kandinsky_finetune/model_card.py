@@ -1,6 +1,6 @@
-"""The model card of every final output: README.md with the YAML front matter both hubs read (license, base models,
-the `prior:` entry, tags, dataset), the command and hyperparameters, the last validation grid and the code that
-loads the output."""
+"""The model card of every final output: README.md with the YAML front matter both hubs read (license, library, task,
+base models, the `prior:` entry, tags, dataset), the command and hyperparameters, the last validation grid and the code
+that loads the output."""
 import json
 import os
 import re
@@ -37,10 +37,12 @@ def write(folder, args, run, step):
 
 
 def hub_id(repo):
-    """`repo` if it is written as a hub id (user/name), else None: a local folder means nothing to a hub reader, and
-    the Hugging Face Hub rejects a card whose base_model is not a model id. (A local user/name folder, the layout of a
-    mirrored hub repo, counts as that hub id.)"""
-    return repo if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo or "") else None
+    """`repo` if it is a hub id (user/name, and no path here: `from_pretrained` and `load_dataset` read an existing
+    folder, even one named like a hub id), else None: a local folder means nothing to a hub reader, and the Hugging
+    Face Hub rejects a card whose base_model is not a model id."""
+    if not repo or os.path.exists(repo):
+        return None
+    return repo if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo) else None
 
 
 def front_matter(args, kind, lora):
@@ -49,7 +51,8 @@ def front_matter(args, kind, lora):
     import yaml
 
     prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
-    meta = {"license": LICENSE}
+    # the library that loads it, the task hubs file it under, and no hosted inference widget (which cannot run it)
+    meta = {"license": LICENSE, "library_name": "ppdiffusers", "pipeline_tag": "text-to-image", "inference": False}
     base = hub_id(decoder if kind == "decoder" else prior)
     if base:
         meta["base_model"] = [base]
@@ -155,7 +158,7 @@ def card(args, run, step, has_grid):
         parts.append("## Validation images\n\n"
                      f"After the last step ({step}), {args.num_inference_steps} denoising steps, {images} image(s) per "
                      f"prompt; a row per prompt:\n\n![validation images]({GRID})\n\n"
-                     + "".join(f"- {p}\n" for p in prompts))
+                     + "".join(f"- row {k}: {p}\n" for k, p in enumerate(prompts, 1)))
     parts.append("## Use it\n\n"
                  "With ppdiffusers (`pip install ppdiffusers`); for a copy on a hub, put its repo id in place of the "
                  "folder (on AI Studio, with `FROM_AISTUDIO=1` set):\n\n"

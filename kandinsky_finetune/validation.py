@@ -1,11 +1,18 @@
 """Validation images: generated with the weights being trained, saved as PNG (each image, and one grid of the round)
 and sent to the tracker."""
+import functools
 import os
 import warnings
 
 import paddle
 
 GRID = "grid.png"  # the round's images in one picture, beside them
+# Where the grid looks for a font when Pillow's own lacks a prompt's characters (it has no Chinese, say): the usual
+# font folders of Linux, macOS and Windows, fonts known to cover Chinese tried first.
+FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts",
+                "/System/Library/Fonts", "/Library/Fonts", "C:/Windows/Fonts")
+CJK_FONTS = ("cjk", "wqy", "droidsansfallback", "sourcehan", "notosanssc", "msyh", "simhei", "simsun", "pingfang")
+FONT_SIZE = 12
 
 
 def generate(pipe, prompts, num_images_per_prompt, resolution, steps, seed, output_dir, step, tracker):
@@ -37,23 +44,67 @@ def step_folder(output_dir, step):
     return os.path.join(output_dir, "validation", f"step-{step}")
 
 
-def grid(images, prompts, per_prompt):
+def grid(images, prompts, per_prompt, font_folders=FONT_FOLDERS):
     """One picture of a validation round, to see a run's progress at a glance: a row per prompt, its images side by
-    side under the prompt's text (cut to the row's width)."""
-    from PIL import Image, ImageDraw, ImageFont
+    side under the prompt's text (cut to the row's width), or "row <k>" where no font found has its characters (the
+    model card lists the rows' prompts)."""
+    from PIL import Image, ImageDraw
 
     width, height = images[0].size
-    font = ImageFont.load_default()
-    caption = font.getbbox("Ag")[3] + 4
+    font = caption_font(tuple(prompts), tuple(font_folders))
+    texts = [prompt if has_glyphs(font, prompt) else f"row {k}" for k, prompt in enumerate(prompts, 1)]
+    caption = max(font.getbbox(text)[3] for text in ["Ag", *texts]) + 4
     picture = Image.new("RGB", (per_prompt * width, len(prompts) * (caption + height)), "white")
     draw = ImageDraw.Draw(picture)
-    for row, prompt in enumerate(prompts):
+    for row, text in enumerate(texts):
         top = row * (caption + height)
-        draw.text((2, top + 2), fitted(prompt, lambda t: draw.textlength(t, font=font) <= picture.width - 4),
+        draw.text((2, top + 2), fitted(text, lambda t: draw.textlength(t, font=font) <= picture.width - 4),
                   fill="black", font=font)
         for col in range(per_prompt):
             picture.paste(images[row * per_prompt + col].convert("RGB"), (col * width, top + caption))
     return picture
+
+
+@functools.lru_cache(maxsize=8)  # (every round of a run draws the same prompts)
+def caption_font(texts, folders):
+    """Pillow's default font if it has every character of `texts`, else the first font file under `folders` that has
+    them all, else the default."""
+    from PIL import ImageFont
+
+    default = ImageFont.load_default()
+    if all(has_glyphs(default, text) for text in texts):
+        return default
+    for path in font_files(folders):
+        try:
+            font = ImageFont.truetype(path, FONT_SIZE)
+        except OSError:
+            continue
+        if all(has_glyphs(font, text) for text in texts):
+            return font
+    return default
+
+
+def font_files(folders):
+    files = [os.path.join(root, name) for folder in folders for root, _, names in os.walk(os.path.expanduser(folder))
+             for name in names if name.lower().endswith((".ttf", ".otf", ".ttc"))]
+    key = lambda path: os.path.basename(path).lower().replace("-", "").replace(" ", "")  # noqa: E731
+    return sorted(files, key=lambda path: (not any(hint in key(path) for hint in CJK_FONTS), path))
+
+
+def has_glyphs(font, text):
+    """Whether `font` draws every character of `text`: one it lacks comes out as the font's "missing" box, the
+    shape it gives a code point no font has."""
+    from PIL import ImageFont
+
+    if not isinstance(font, ImageFont.FreeTypeFont):  # (Pillow's bitmap font, without FreeType)
+        return text.isascii()
+
+    def shape(character):
+        mask = font.getmask(character)
+        return mask.size, bytes(mask)
+
+    missing = shape("\U0010ffff")
+    return all(c.isspace() or shape(c) != missing for c in set(text))
 
 
 def fitted(text, fits):

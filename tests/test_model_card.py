@@ -19,6 +19,7 @@ from kandinsky_finetune.faults import RunError
 PRIOR, DECODER = "kandinsky-community/kandinsky-2-2-prior", "kandinsky-community/kandinsky-2-2-decoder"
 DATASET = "lambdalabs/naruto-blip-captions"
 TAGS = ["kandinsky", "text-to-image", "ppdiffusers", "paddlepaddle"]
+COMMON = {"license": "apache-2.0", "library_name": "ppdiffusers", "pipeline_tag": "text-to-image", "inference": False}
 SCRIPTS = {  # script: (its module, LoRA?, its validation flags, images per prompt)
     "decoder": (train_text_to_image_decoder, False, ["--validation_prompts", "a red picture", "a blue picture"], 1),
     "prior": (train_text_to_image_prior, False, ["--validation_prompts", "a red picture", "a blue picture"], 1),
@@ -60,10 +61,8 @@ def test_each_output_has_a_card_whose_loading_code_runs(script, user_folder, mon
     if not lora:  # what cost new bytes, what is linked
         assert re.search(r"\(\d+\.\d+ MB written, \d+\.\d+ MB hard-linked from the source repos\)", saved.group(0))
 
-    expected = {"license": "apache-2.0", "base_model": [DECODER if kind == "decoder" else PRIOR],
-                **({"prior": [PRIOR]} if kind == "decoder" else {}),  # a prior output is itself a prior
-                "datasets": [DATASET], "tags": TAGS + (["lora"] if lora else [])}
-    assert front_matter(card) == expected
+    # the repos and the dataset are local folders named like hub ids: no base_model, prior or datasets entry
+    assert front_matter(card) == {**COMMON, "tags": TAGS + (["lora"] if lora else [])}
 
     # the last validation grid beside the card, a row per prompt; checkpoints get neither
     grid = out / model_card.GRID
@@ -73,7 +72,8 @@ def test_each_output_has_a_card_whose_loading_code_runs(script, user_folder, mon
     width, height = Image.open(grid).size
     prompts = validation_flags[1:3] if not lora else ["a red picture"]
     assert width == 64 * per_prompt and height > 64 * len(prompts)
-    assert f"![validation images]({model_card.GRID})" in card and all(f"- {p}\n" in card for p in prompts)
+    assert f"![validation images]({model_card.GRID})" in card
+    assert all(f"- row {k}: {p}\n" in card for k, p in enumerate(prompts, 1))  # (a grid may show "row k" alone)
     assert not {"README.md", model_card.GRID} & set(os.listdir(out / "checkpoint-1"))
     assert f"python -u train_text_to_image_{script}.py --dataset_name {DATASET}" in card
     # and the tracker got the grid as one image, beside the single ones
@@ -99,12 +99,30 @@ def test_the_card_hides_hub_tokens():
                     "--validation_prompt 'a red picture'")
 
 
-def test_local_folders_are_not_written_as_hub_ids():
+def test_local_folders_are_not_written_as_hub_ids(tmp_path, monkeypatch):
     """The Hugging Face Hub rejects a card whose base_model is not a model id: a local folder is named in the text
-    only."""
+    only, even one named like a hub id (from_pretrained reads the folder, not the hub)."""
+    monkeypatch.chdir(tmp_path)
     assert model_card.hub_id("kandinsky-community/kandinsky-2-2-prior") == "kandinsky-community/kandinsky-2-2-prior"
-    for local in ("/data/models/prior", "./prior", "models/kandinsky/prior", None):
+    assert model_card.hub_id("a/b") == "a/b"
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for local in ("a/b", "/data/models/prior", "./prior", "models/kandinsky/prior", None):
         assert model_card.hub_id(local) is None
+
+
+@pytest.mark.parametrize("kind,lora", [("decoder", False), ("prior", False), ("decoder", True), ("prior", True)])
+def test_the_metadata_of_an_output_trained_from_hub_repos(tmp_path, monkeypatch, kind, lora):
+    """Base model, the decoder's prior, the dataset; the library that loads it and the task, for the hubs' filters;
+    no hosted inference widget, which cannot run a ppdiffusers model."""
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)  # where no folder is named like the hub ids
+    args = SimpleNamespace(pretrained_prior_model_name_or_path=PRIOR, pretrained_decoder_model_name_or_path=DECODER,
+                           dataset_name=DATASET)
+    assert yaml.safe_load(model_card.front_matter(args, kind, lora)) == {
+        **COMMON, "base_model": [DECODER if kind == "decoder" else PRIOR],
+        **({"prior": [PRIOR]} if kind == "decoder" else {}),  # a prior output is itself a prior
+        "datasets": [DATASET], "tags": TAGS + (["lora"] if lora else [])}
 
 
 def test_an_interrupted_final_save_leaves_neither_a_card_nor_a_model(tmp_path, monkeypatch):
@@ -124,6 +142,46 @@ def test_an_interrupted_final_save_leaves_neither_a_card_nor_a_model(tmp_path, m
     with pytest.raises(RunError, match="No space left on device"):
         checkpoint.publish(str(tmp_path), model_card.with_card(save, SimpleNamespace(output_dir=str(tmp_path)), run_, 1))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_prompt_no_font_has_is_captioned_with_its_row():
+    """Pillow's own font has no Chinese (its prompts came out as boxes): where no font found has the characters, the
+    row is captioned "row <k>" (the card lists each row's prompt: test_each_output_has_a_card...)."""
+    from PIL import Image
+
+    from kandinsky_finetune import validation
+
+    images = [Image.new("RGB", (128, 128), "gray")] * 2
+    picture = validation.grid(images, ["一只猫", "a cat"], 1, font_folders=[])  # no font files: no Chinese
+    assert picture.tobytes() == validation.grid(images, ["row 1", "a cat"], 1, font_folders=[]).tobytes()
+
+
+def test_a_font_found_with_the_characters_draws_the_prompt():
+    """Where a font on this machine has them (Noto Sans CJK, WenQuanYi, ...), the prompt itself is drawn."""
+    from PIL import Image, ImageFont
+
+    from kandinsky_finetune import validation
+
+    font = validation.caption_font(("一只猫",), validation.FONT_FOLDERS)
+    if font.getname() == ImageFont.load_default().getname():
+        pytest.skip("no font with Chinese characters on this machine")
+    assert validation.has_glyphs(font, "一只猫") and not validation.has_glyphs(ImageFont.load_default(), "一只猫")
+    images = [Image.new("RGB", (128, 128), "gray")]
+    drawn = validation.grid(images, ["一只猫"], 1)
+    assert drawn.tobytes() != validation.grid(images, ["row 1"], 1).tobytes()
+    assert drawn.tobytes() != validation.grid(images, ["一只猫"], 1, font_folders=[]).tobytes()
+
+
+def test_the_first_font_file_with_the_characters_is_used():
+    """The search itself, on a folder known to exist: matplotlib's DejaVu Sans has Cyrillic, Pillow's font has not."""
+    import matplotlib
+
+    from kandinsky_finetune import validation
+
+    folder = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
+    font = validation.caption_font(("кошка", "a cat"), (folder,))
+    assert font.getname()[0] == "DejaVu Sans" and validation.has_glyphs(font, "кошка")
+    assert validation.caption_font(("a cat",), (folder,)).getname()[0] != "DejaVu Sans"  # the default had them
 
 
 @pytest.mark.parametrize("size", [8, 64, 512])
