@@ -11,6 +11,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The environment the demo was started in, for the training commands: building the tiny models imports paddle, which
+# sets OMP_NUM_THREADS=1 in this process, and the scripts would take that for the user's choice (cpu_threads.py). The
+# commands then run as the user pasting them would run them.
+STARTED_WITH = dict(os.environ)
 
 
 def train(script, workdir, repos, dataset, output_dir, steps):
@@ -21,7 +25,7 @@ def train(script, workdir, repos, dataset, output_dir, steps):
            "--learning_rate=1e-3", "--lr_warmup_steps=0", f"--checkpointing_steps={steps}", "--seed=0",
            f"--output_dir={output_dir}"]
     print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)  # a command a user can paste
-    subprocess.run(cmd, check=True, cwd=workdir)
+    subprocess.run(cmd, check=True, cwd=workdir, env=STARTED_WITH)
 
 
 def main():

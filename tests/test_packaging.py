@@ -4,7 +4,7 @@ import os
 import shlex
 import sys
 
-from conftest import ROOT, run
+from conftest import GIVEN_ENVIRONMENT, ROOT, run
 
 
 def test_the_package_installs_and_runs_from_any_folder(tmp_path):
@@ -33,3 +33,7 @@ def test_demo_prints_commands_a_user_can_paste_and_says_the_picture_is_noise(tmp
         words = shlex.split(command)
         assert words[:2] == ["python", "-u"] and os.path.isfile(words[2]), command
     assert "the picture is noise" in proc.stdout.strip().splitlines()[-1]
+    # each script shared the cores itself, as when pasted: not the OMP_NUM_THREADS=1 the demo's paddle import set
+    threads = [line for line in proc.stderr.splitlines() if "thread(s) per process for Paddle's kernels" in line]
+    assert len(threads) == 2 and all(line.endswith("(OMP_NUM_THREADS)") == ("OMP_NUM_THREADS" in GIVEN_ENVIRONMENT)
+                                     for line in threads), threads
