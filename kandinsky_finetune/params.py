@@ -66,7 +66,9 @@ def build_parser(description, lora=False):
     a("--snr_gamma", type=float, default=None,
       help="Min-SNR weighting gamma (5.0 is recommended); unset means plain MSE.")
     a("--use_8bit_adam", action="store_true", help="Not available in Paddle: the script exits with an explanation.")
-    a("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere or newer GPUs.")
+    a("--allow_tf32", action="store_true",
+      help="Allow TF32 matmuls (cuBLAS) on Ampere or newer GPUs, as the references' flag does; cuDNN convolutions "
+           "use TF32 either way (Paddle's default, and PyTorch's).")
     a("--cache_encoder_outputs", action="store_true",
       help="Run the frozen encoders (CLIP image/text encoders, MoVQ) once over the dataset and keep their outputs on "
            "disk in the datasets cache; later steps, epochs and runs with the same models, data and preprocessing "

@@ -150,14 +150,14 @@ def memory_efficient_attention(model, wanted, log):
 
 
 def configure_tf32(allow_tf32, log):
-    """Like the references: TF32 matmuls and convolutions only with --allow_tf32 (Paddle's GPU build allows TF32
-    in cuBLAS by default). Paddle's own switches, set before any GPU kernel runs."""
+    """As the references' flag (PyTorch's matmul switch): TF32 matmuls (cuBLAS) only with --allow_tf32, where Paddle's
+    GPU build allows them by default. cuDNN convolutions keep Paddle's default, TF32 allowed, which is PyTorch's default
+    too (the references leave it). Paddle's own switch, set before any GPU kernel runs."""
     if not on_gpu():
         if allow_tf32:
             log.warn("--allow_tf32 only affects NVIDIA GPUs; ignored on " + paddle.get_device())
         return
     paddle.base.core.set_cublas_switch(allow_tf32)
-    paddle.base.core.set_cudnn_switch(allow_tf32)
 
 
 # ---------------------------------------------------------------- EMA

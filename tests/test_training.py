@@ -160,3 +160,19 @@ def test_a_decoder_output_outlives_its_source_repos(tiny, tmp_path):
     shutil.rmtree(decoder)
     pipe = KandinskyV22CombinedPipeline.from_pretrained(str(out))
     assert pipe.prior_image_encoder is not None and pipe.movq is not None
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["default", "allow_tf32"])
+def test_allow_tf32_governs_matmuls_only(monkeypatch, allow):
+    """As the references' --allow_tf32 (PyTorch's matmul switch): cuBLAS follows the flag, and cuDNN convolutions keep
+    Paddle's default, TF32, as PyTorch's do (turned off, fp32 UNet convolutions ran at full fp32 on Ampere and later)."""
+    import paddle
+
+    from kandinsky_finetune import training
+
+    switched = []
+    monkeypatch.setattr(training, "on_gpu", lambda: True)
+    for switch in "set_cublas_switch", "set_cudnn_switch":
+        monkeypatch.setattr(paddle.base.core, switch, lambda on, switch=switch: switched.append((switch, on)))
+    training.configure_tf32(allow, log=None)
+    assert switched == [("set_cublas_switch", allow)]
