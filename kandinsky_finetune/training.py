@@ -344,8 +344,8 @@ class Loop:
             distributed.raise_together(faults.Stopped(signum), self.ctx)
 
     def _checkpoint(self):
-        """checkpoint-<step>, written by rank 0 while the others wait (with --sharding they first send it their
-        optimizer shards); returns its path (None on other ranks)."""
+        """checkpoint-<step>, written by rank 0 while the others wait in on_rank_0's heartbeats (with --sharding they
+        first send it their optimizer shards, then wait the same way); returns its path (None on other ranks)."""
         from .distributed import on_rank_0
         from .sharding import whole_parameters
 
