@@ -262,6 +262,37 @@ def resolve(resume_from, output_dir):
     return path
 
 
+def written_by(path):
+    """(model, lora) of the script that wrote checkpoint `path`, from what it holds (checkpoints of every version
+    alike): a full run's model folder (prior/ or unet/), or a LoRA file, whose layer names tell the UNet's
+    down/mid/up blocks from the prior's transformer blocks. None if it is none of these."""
+    from .lora import WEIGHTS_NAME
+    from .tensor_files import safetensors_header
+
+    for model, folder in (("prior", "prior"), ("decoder", "unet")):
+        if os.path.isdir(os.path.join(path, folder)):
+            return model, False
+    lora_file = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(lora_file):
+        names = [k for k in safetensors_header(lora_file) if k != "__metadata__"]
+        unet = any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in names)
+        return ("decoder" if unet else "prior"), True
+    return None
+
+
+def check_written_by(path, kind, lora):
+    """A checkpoint of another script (full or LoRA, prior or decoder) is one line naming that script, before anything
+    loads (its weights are not where this script looks: it would ask the hub for them)."""
+    found = written_by(path)
+    if found is None or found == (kind, lora):
+        return
+    model, other_lora = found
+    script = f"train_text_to_image_{model}{'_lora' if other_lora else ''}.py"
+    this = f"train_text_to_image_{kind}{'_lora' if lora else ''}.py"
+    raise UsageError(f"--resume_from_checkpoint: {path} was written by {script} ({model}, "
+                     f"{'LoRA' if other_lora else 'full fine-tuning'}), not {this}: resume it with that script")
+
+
 def write_state(state, folder):
     """The training state: its tensors (AdamW's moments, EMA weights: 12 bytes per trained parameter) streamed to
     STATE_TENSORS, the rest pickled to STATE_FILE. paddle.save of the whole state would hold a host copy of every

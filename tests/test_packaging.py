@@ -33,3 +33,11 @@ def test_demo_prints_commands_a_user_can_paste_and_says_the_picture_is_noise(tmp
         words = shlex.split(command)
         assert words[:2] == ["python", "-u"] and os.path.isfile(words[2]), command
     assert "the picture is noise" in proc.stdout.strip().splitlines()[-1]
+    # pasted as it is, a command would replace the demo's run: one line says how to go on instead
+    pasted = run(shlex.split(commands[0].replace("python", sys.executable, 1)), cwd=tmp_path, check=False)
+    assert pasted.returncode == 2 and pasted.stderr.strip().splitlines()[-1].startswith(
+        "error: --output_dir ") and "--resume_from_checkpoint latest, or start over with --overwrite_output_dir" \
+        in pasted.stderr, pasted.stderr[-2000:]
+    # the demo itself starts over when run again
+    again = run([sys.executable, "-m", "kandinsky_finetune.demo", "--workdir", str(tmp_path), "--steps", "2"])
+    assert f"removing the previous demo's {tmp_path / 'prior-finetuned'}" in again.stdout
