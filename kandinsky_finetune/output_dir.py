@@ -16,20 +16,19 @@ def check(args, kind, ctx):
         return
     from . import distributed
 
-    found = earlier_run(args.output_dir) if ctx.is_main else ([], False)
-    # [checkpoints, newest step, oldest step, saved model] from rank 0, in one all-reduce
-    steps, model = found
+    steps, model = earlier_run(args.output_dir) if ctx.is_main else ([], False)
+    # rank 0's [checkpoints, newest step, oldest step, saved model] on every rank, in one all-reduce
     count, newest, oldest, model = map(int, distributed.sum_across_ranks(
         [len(steps), steps[-1] if steps else 0, steps[0] if steps else 0, float(model)], ctx,
-        what="comparing output_dir"))
+        what="agreeing on what output_dir holds"))
     if not count and not model:
         return
     held = ([f"checkpoint-{newest}" if count == 1 else f"{count} checkpoints (checkpoint-{oldest} to checkpoint-{newest})"]
             if count else []) + ["a saved model"] * model
-    ways = ("continue it with --resume_from_checkpoint latest, or start over with --overwrite_output_dir" if count else
-            "start over with --overwrite_output_dir, or choose another --output_dir")
-    error = UsageError(f"--output_dir {args.output_dir} already holds {' and '.join(held)} of an earlier run: {ways} "
-                       "(which deletes them)")
+    ways = ("continue it with --resume_from_checkpoint latest, or start over with --overwrite_output_dir (which deletes "
+            "them)" if count else "start over with --overwrite_output_dir (which deletes it), or choose another "
+            "--output_dir")
+    error = UsageError(f"--output_dir {args.output_dir} already holds {' and '.join(held)} of an earlier run: {ways}")
     distributed.raise_together(error, ctx)
 
 

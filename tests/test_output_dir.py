@@ -50,7 +50,7 @@ def test_a_saved_model_alone_counts_too(tiny, earlier, tmp_path):
     out.mkdir()
     os.link(earlier / "paddle_lora_weights.safetensors", out / "paddle_lora_weights.safetensors")
     with pytest.raises(UsageError, match=r"holds a saved model of an earlier run: start over with "
-                                         r"--overwrite_output_dir, or choose another --output_dir"):
+                                         r"--overwrite_output_dir \(which deletes it\), or choose another --output_dir$"):
         train_text_to_image_prior_lora.main(model_args(tiny, out, "--max_train_steps", 1))
 
 
