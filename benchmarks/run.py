@@ -22,6 +22,7 @@ whose speed varies from day to day.
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ def flop_split(prior_repo, decoder_repo, resolution, batch):
 def run(script, prior_repo, decoder_repo, data, out, steps, cache, hf_cache, extra, tree=ROOT):
     """One training run of `tree`'s script; its `time:` line as numbers, plus `cores`: CPU time over wall time during
     training, from the process's CPU clock sampled while it runs (every thread counts, whatever the tree reports)."""
+    shutil.rmtree(out, ignore_errors=True)  # each run (repeat, tree) starts afresh: a run refuses an earlier one's folder
     cmd = [sys.executable, "-u", os.path.join(tree, f"train_text_to_image_{script}.py"),
            "--pretrained_prior_model_name_or_path", prior_repo, "--pretrained_decoder_model_name_or_path", decoder_repo,
            "--train_data_dir", data, "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", str(steps),

@@ -51,31 +51,27 @@ def remove_partial(output_dir, log):
             _remove(os.path.join(output_dir, name))
 
 
-def save(output_dir, step, write_weights, state, total_limit=None, alone=None):
+def save(output_dir, step, write_weights, state, total_limit=None):
     """Write checkpoint-<step> atomically: `write_weights(folder)` saves the model(s), `state` goes to STATE_FILE;
-    then keep the `total_limit` newest (the new one always among them). All after the state runs as `alone(work)`."""
+    then keep the `total_limit` newest (the new one always among them). All of it rank 0's work alone: with several
+    processes it runs under distributed.on_rank_0, the other ranks' shards already in `state` (Checkpointer.save)."""
     from .faults import injected_delay
 
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     tmp = os.path.join(output_dir, f"{TMP}{PREFIX}{step}")
-
-    def weights_and_publish():
-        injected_delay("checkpoint")
+    injected_delay("checkpoint")
+    with _writing(tmp, f"checkpoint {final}", output_dir):
         write_weights(tmp)
+        write_state(state, tmp)
         _sync(tmp)
-        _discard(final)  # e.g. a resumed run reaching the same step again
+        discard(final)  # e.g. a resumed run reaching the same step again
         os.rename(tmp, final)
         _sync_dir(output_dir)
-
-    with _writing(tmp, f"checkpoint {final}", output_dir):
-        # the state first: with --sharding the other ranks send their optimizer shards while it is written
-        write_state(state, tmp)
-        (alone or (lambda work: work()))(weights_and_publish)
     if total_limit is not None:
         older = [path for _, path in list_checkpoints(output_dir) if path != final]
         for path in older[:max(0, len(older) - (total_limit - 1))]:
             try:
-                _discard(path)
+                discard(path)
             except OSError as e:
                 raise RunError(f"cannot delete old checkpoint {path} (--checkpoints_total_limit): "
                                f"{first_line(e)}") from None
@@ -98,7 +94,7 @@ def publish(output_dir, write):
         for name in names:
             src, dst = os.path.join(tmp, name), os.path.join(output_dir, name)
             if os.path.isdir(src):
-                _discard(dst)
+                discard(dst)
                 os.rename(src, dst)
             else:
                 os.replace(src, dst)
@@ -132,7 +128,7 @@ def _remove(path):
             os.remove(path)
 
 
-def _discard(path):
+def discard(path):
     """Delete a folder so that a crash never leaves it half-deleted under its name: rename it away first."""
     if not os.path.lexists(path):
         return
@@ -175,10 +171,10 @@ class Checkpointer:
         self.optimizer, self.lr_scheduler, self.precision, self.ema = optimizer, lr_scheduler, precision, ema
 
     def save(self, step, alone=None):
-        """checkpoint-<step>, written by rank 0; with --sharding every rank calls it, the others send their part
-        of the optimizer state (sharding.py; the checkpoint holds all of it) and return None. What rank 0 then
-        writes by itself (the weights, and publishing the folder) runs as `alone(work)` (distributed.on_rank_0,
-        which the other ranks join)."""
+        """checkpoint-<step>, written by rank 0 as `alone(work)` (distributed.on_rank_0, which the other ranks join;
+        it returns the path on rank 0, None on the others). With --sharding every rank calls it: first the other ranks
+        send rank 0 their part of the optimizer state (sharding.py; the checkpoint holds all of it), and only once
+        that exchange is over does rank 0 touch the disk, so no rank waits in a collective while rank 0 writes."""
         alone = alone or (lambda work: work())
         if getattr(self.args, "sharding", None):
             from . import sharding
@@ -187,13 +183,15 @@ class Checkpointer:
             if paddle.distributed.get_rank() != 0:
                 sharding.take_part(optimizer)
                 return alone(lambda: None)
+            optimizer = sharding.received(optimizer)
         else:
             optimizer = self.optimizer.state_dict()
         state = {"global_step": step, "seed": self.seed, "processes": paddle.distributed.get_world_size(),
                  "optimizer": optimizer,
                  "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.precision.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
-        return save(self.args.output_dir, step, self.save_weights, state, self.args.checkpoints_total_limit, alone)
+        return alone(lambda: save(self.args.output_dir, step, self.save_weights, state,
+                                  self.args.checkpoints_total_limit))
 
     def resume(self, run, log):
         """Restore the checkpoint `training.start_run` found, if any; return the step to continue from."""
@@ -262,6 +260,37 @@ def resolve(resume_from, output_dir):
         raise UsageError(f"--resume_from_checkpoint {resume_from}: {path} is not a complete checkpoint "
                          f"(no {STATE_FILE})")
     return path
+
+
+def written_by(path):
+    """(model, lora) of the script that wrote checkpoint `path`, from what it holds (checkpoints of every version
+    alike): a full run's model folder (prior/ or unet/), or a LoRA file, whose layer names tell the UNet's
+    down/mid/up blocks from the prior's transformer blocks. None if it is none of these."""
+    from .lora import WEIGHTS_NAME
+    from .tensor_files import safetensors_header
+
+    for model, folder in (("prior", "prior"), ("decoder", "unet")):
+        if os.path.isdir(os.path.join(path, folder)):
+            return model, False
+    lora_file = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(lora_file):
+        names = [k for k in safetensors_header(lora_file) if k != "__metadata__"]
+        unet = any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in names)
+        return ("decoder" if unet else "prior"), True
+    return None
+
+
+def check_written_by(path, kind, lora):
+    """A checkpoint of another script (full or LoRA, prior or decoder) is one line naming that script, before anything
+    loads (its weights are not where this script looks: it would ask the hub for them)."""
+    found = written_by(path)
+    if found is None or found == (kind, lora):
+        return
+    model, other_lora = found
+    script = f"train_text_to_image_{model}{'_lora' if other_lora else ''}.py"
+    this = f"train_text_to_image_{kind}{'_lora' if lora else ''}.py"
+    raise UsageError(f"--resume_from_checkpoint: {path} was written by {script} ({model}, "
+                     f"{'LoRA' if other_lora else 'full fine-tuning'}), not {this}: resume it with that script")
 
 
 def write_state(state, folder):

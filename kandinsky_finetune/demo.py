@@ -6,6 +6,7 @@ fine-tuning with the real scripts, then a generated image from the fine-tuned pa
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,10 @@ def main():
     dataset = write_tiny_dataset(os.path.join(workdir, "tiny-dataset"))
     print(f"tiny repos in {os.path.dirname(repos[0])}, dataset in {dataset}", flush=True)
     prior_out, decoder_out = os.path.join(workdir, "prior-finetuned"), os.path.join(workdir, "decoder-finetuned")
+    for folder in prior_out, decoder_out:  # a demo run again starts over (its repos above are new random ones)
+        if os.path.isdir(folder):
+            print(f"removing the previous demo's {folder}", flush=True)
+            shutil.rmtree(folder)
     train("train_text_to_image_prior.py", workdir, repos, dataset, prior_out, args.steps)
     train("train_text_to_image_decoder.py", workdir, repos, dataset, decoder_out, args.steps)
 

@@ -44,19 +44,26 @@ class AIStudio:
 
     def __init__(self, args):
         self.repo_id = args.aistudio_repo_id
+        self.private = getattr(args, "aistudio_repo_private", None) is not False  # private unless asked (PaddleNLP)
         self.token = {"token": args.aistudio_token} if args.aistudio_token else {}
 
     def check(self):
         from aistudio_sdk import hub
 
-        # AI Studio creates the repo under the token's user (the id's user part is not sent)
-        result = hub.create_repo(repo_id=self.repo_id, license=LICENSE_AISTUDIO, **self.token)
+        # AI Studio creates the repo under the token's user: the id's user part is not sent, and aistudio-sdk 0.2.6 has
+        # no call that names the token's user, so the check is on the name the new repo gets back
+        result = hub.create_repo(repo_id=self.repo_id, license=LICENSE_AISTUDIO, private=self.private, **self.token)
         code = result.get("error_code")
         if code == self.NO_TOKEN:
             raise UsageError("--save_to_aistudio: no AI Studio token: pass --aistudio_token, set AISTUDIO_ACCESS_TOKEN "
                              "or save one with `aistudio config -t <token>`")
         if code is not None and code != self.EXISTS:
             raise RuntimeError(f"AI Studio error {code}: {result.get('error_msg')}")
+        user, created = self.repo_id.split("/")[0], str(result.get("repo_id") or "")
+        if "/" in created and created.split("/")[0] != user:
+            raise UsageError(f"--aistudio_repo_id {self.repo_id}: the token is {created.split('/')[0]}'s, and AI Studio "
+                             f"creates repos under the token's user (it made {created}): pass {user}'s token, or "
+                             f"--aistudio_repo_id {created}")
         return self.repo_id
 
     def upload(self, folder, files):

@@ -222,6 +222,10 @@ def build(args, kind, lora, device=None, processes=1):
     # a checkpoint: gradients freed, the trained weights copied to host arrays while they are written
     plan.phases["checkpoint"] = checkpoint_weights + optimizer + [frozen, runtime, ("weights being written",
                                                                                     4 * trained, "")]
+    if stage and processes > 1 and not gpu:  # rank 0 receives every other rank's shard before it writes (sharding.py)
+        whole = ADAMW_STATES * 4 * trained
+        plan.phases["checkpoint"].append(("other ranks' optimizer states", whole - optimizer[0][1],
+                                          "rank 0 holds them while it writes the checkpoint"))
     if validation_models:
         extra = validation_models + (encoders if cached else [])
         plan.phases["validation"] = weights + optimizer + [frozen, runtime, (

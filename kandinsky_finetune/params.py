@@ -27,6 +27,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _boolean(text):
+    """true/false (yes/no, 1/0), as PaddleNLP's argument parser reads a boolean flag's value."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def build_parser(description, lora=False):
     # No abbreviations: a mistyped flag (--max_train_step) must be an error, not silently taken for another.
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
@@ -45,7 +53,14 @@ def build_parser(description, lora=False):
     a("--max_train_samples", type=int, default=None,
       help="Train on this many samples only (taken after a seeded shuffle), for debugging or quick runs.")
     a("--output_dir", default="kandi_2_2-model-finetuned" + ("-lora" if lora else ""),  # the references' defaults
-      help="Where the trained model and checkpoints are written.")
+      help="Where the trained model and checkpoints are written. A folder that already holds an earlier run's "
+           "checkpoints or saved model is an error unless --resume_from_checkpoint or --overwrite_output_dir says "
+           "what to do with it; it may not be (or be inside) a local model folder the script reads.")
+    a("--overwrite_output_dir", action="store_true",
+      help="Start over in an --output_dir that holds an earlier run: once every input is checked (before the first "
+           "step), its checkpoint-* folders, its saved model and model card, and its validation/ images are deleted, "
+           "so none of them mixes with the new run's (`--resume_from_checkpoint latest` never finds an old one). "
+           "Logs are kept.")
     a("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
     a("--seed", type=int, default=None,
       help="Seed for shuffling, noise and timesteps (a random one is drawn and recorded in checkpoints if unset).")
@@ -91,6 +106,9 @@ def build_parser(description, lora=False):
     a("--aistudio_token", default=None,
       help="AI Studio access token for --save_to_aistudio (default: $AISTUDIO_ACCESS_TOKEN, or the one saved by "
            "`aistudio config -t <token>`).")
+    a("--aistudio_repo_private", type=_boolean, nargs="?", const=True, default=None, metavar="{true,false}",
+      help="Whether a repo that --save_to_aistudio creates is private (default: true, as in PaddleNLP); "
+           "`--aistudio_repo_private false` makes it public. An existing repo keeps its visibility.")
     a("--logging_dir", default="logs", help="Log folder, relative to output_dir.")
     a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
       help="Train with paddle.amp autocast in this precision (trainable weights stay fp32). GPU only: fp32 on CPU.")
@@ -192,12 +210,22 @@ def check(args):
         raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder")
     if not args.push_to_hub and (args.hub_model_id or args.hub_token):
         raise UsageError("--hub_model_id and --hub_token are for --push_to_hub; add it or drop them")
-    if not args.save_to_aistudio and (args.aistudio_repo_id or args.aistudio_token):
-        raise UsageError("--aistudio_repo_id and --aistudio_token are for --save_to_aistudio; add it or drop them")
+    if not args.save_to_aistudio and (args.aistudio_repo_id or args.aistudio_token
+                                      or args.aistudio_repo_private is not None):
+        raise UsageError("--aistudio_repo_id, --aistudio_token and --aistudio_repo_private are for --save_to_aistudio; "
+                         "add it or drop them")
+    if args.report_to == "wandb" and (args.hub_token or args.aistudio_token):
+        flag, safe = (("--hub_token", "run `huggingface-cli login` or set HF_TOKEN") if args.hub_token else
+                      ("--aistudio_token", "set AISTUDIO_ACCESS_TOKEN or run `aistudio config -t <token>`"))
+        raise UsageError(f"--report_to wandb records the command line, {flag} included, where everyone who sees the "
+                         f"run can read it: drop {flag} and {safe} instead")
     if args.save_to_aistudio and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.aistudio_repo_id or ""):
         raise UsageError(f"--save_to_aistudio needs --aistudio_repo_id <user name>/<repo name> (got "
                          f"{args.aistudio_repo_id!r})")
     resume = args.resume_from_checkpoint
+    if resume is not None and args.overwrite_output_dir:
+        raise UsageError(f"--resume_from_checkpoint {resume} continues a run, --overwrite_output_dir starts over: "
+                         "give one of them")
     if resume not in (None, "latest") and not os.path.isdir(resume) \
             and not os.path.isdir(os.path.join(args.output_dir, resume)):
         raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")

@@ -1,8 +1,10 @@
 """--sharding: the training state split across the processes of a launch, on Paddle's own engines (stage 1: fleet's
 sharding optimizer, CPU and GPU; stages 2 and 3: group_sharded_parallel, GPU only), and gathered whole for checkpoints.
 
-Checkpoints stay in the unsharded format: rank 0 writes every rank's optimizer shard, which the owner broadcasts a
-tensor at a time while rank 0 streams it to disk. So a sharded checkpoint needs no shared file system (only rank 0's
+Checkpoints stay in the unsharded format: rank 0 writes every rank's optimizer shard. The owners first broadcast theirs
+a tensor at a time into rank 0's host memory; only then does rank 0 write the checkpoint, alone, while the others wait
+in distributed.on_rank_0's short heartbeats (never in a collective that lasts as long as the writing: gloo gives up
+after 30 s, and a slow disk takes longer for gigabytes). So a sharded checkpoint needs no shared file system (only rank 0's
 machine has output_dir), is written and published atomically like any other, and resumes on any number of processes,
 sharded or not (each rank's sharding optimizer takes its own part of the full state).
 
@@ -128,8 +130,8 @@ def log_shares(optimizer, log, model, trainable):
 
 # ---------------------------------------------------------------- checkpoints: the shards gathered to rank 0
 class _Shard:
-    """A tensor of some rank's optimizer shard, as write_safetensors sees it: its shape and dtype known on every rank
-    (exchanged up front), its values broadcast by the owner when rank 0 writes it, one tensor at a time."""
+    """A tensor of some rank's optimizer shard: its shape and dtype known on every rank (exchanged up front), its values
+    broadcast by the owner when every rank walks the state (`received` on rank 0, `take_part` on the others)."""
 
     def __init__(self, local, shape, dtype, owner):
         self.local, self.shape, self.owner = local, shape, owner
@@ -163,7 +165,7 @@ def _tensors(state, path=(), shards=False):
 
 def gathered_state(optimizer):
     """The full optimizer state dict on rank 0, every rank's shard in it as a _Shard (rank 0's own as its tensors):
-    collective, so every rank calls it at the same point and then `take_part` (rank 0 writes instead). Non-tensor
+    collective, so every rank calls it at the same point and then `take_part` (rank 0 `received`). Non-tensor
     entries (the lr schedule's) are rank 0's, the same on every rank."""
     import paddle.distributed as dist
 
@@ -192,9 +194,28 @@ def _without_tensors(state):
             if not isinstance(v, paddle.Tensor)}
 
 
+def received(state):
+    """On rank 0: `state` with every other rank's shard fetched (the broadcasts `take_part` joins, in the dict's
+    order) into host memory, before rank 0 writes any of it. Costs rank 0 the other ranks' part of the optimizer
+    state in host memory for the while of the checkpoint."""
+    on_gpu = "gpu" in paddle.get_device()
+
+    def fetched(value):
+        if isinstance(value, _Shard):
+            tensor = value.fetch()
+            return tensor.cpu() if on_gpu else tensor
+        return {k: fetched(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    try:
+        return fetched(state)
+    except Exception as e:
+        raise RunError(f"rank 0: receiving the other ranks' optimizer shards for the checkpoint failed; another "
+                       f"process has probably died (see its log): {first_line(e)}") from None
+
+
 def take_part(state):
-    """On ranks other than 0: the broadcasts of rank 0's writing, in its order (the dict's, as write_safetensors
-    walks it). A rank 0 that died on the way is one line here too."""
+    """On ranks other than 0: the broadcasts of rank 0's `received`, in its order (the dict's). A rank 0 that died
+    on the way is one line here too."""
     try:
         for _, value in _tensors(state, shards=True):
             value.fetch()

@@ -232,7 +232,7 @@ class Loop:
         self.stop = faults.StopRequest().install()
         distributed.barrier(self.ctx)
         self.model = model if args.sharding else distributed.wrap(model, self.ctx)
-        prepare_output_dir(args.output_dir, self.ctx, self.log)
+        prepare_output_dir(args, self.ctx, self.log)
         self.tracker = tracking.Tracker(args, self.ctx.is_main)
         self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
                  f"per epoch, {self.max_train_steps} steps in all{note}")
@@ -344,8 +344,8 @@ class Loop:
             distributed.raise_together(faults.Stopped(signum), self.ctx)
 
     def _checkpoint(self):
-        """checkpoint-<step>, written by rank 0 while the others wait (with --sharding they first send it their
-        optimizer shards); returns its path (None on other ranks)."""
+        """checkpoint-<step>, written by rank 0 while the others wait in on_rank_0's heartbeats (with --sharding they
+        first send it their optimizer shards, then wait the same way); returns its path (None on other ranks)."""
         from .distributed import on_rank_0
         from .sharding import whole_parameters
 
@@ -478,10 +478,11 @@ def start_run(args, kind, lora):
     # a plan alone starts no process group: PADDLE_TRAINERS_NUM=8 sizes each of 8 cards without launching 8 processes
     ctx = distributed.setup(args.local_rank) if not args.print_memory_plan else distributed.planned()
     log = tracking.Log(ctx.is_main)
-    from . import memory_plan, sharding
+    from . import memory_plan, output_dir, sharding
 
     if not args.print_memory_plan:  # (a plan may be for a GPU and more processes than this machine has)
         sharding.check(args, ctx, log)
+        output_dir.check(args, kind, ctx)
     plan = memory_plan.report(args, kind, lora, log, device=None if args.print_memory_plan in (None, "here")
                               else args.print_memory_plan, processes=ctx.world_size)
     if args.print_memory_plan:  # all that was asked for
@@ -504,6 +505,8 @@ def start_run(args, kind, lora):
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     seed = distributed.broadcast_int(seed, ctx)  # a drawn seed must be the same on every rank
     resume_path = checkpoint.resolve(args.resume_from_checkpoint, args.output_dir)
+    if resume_path:
+        checkpoint.check_written_by(resume_path, kind, lora)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         log(f"no checkpoint in {args.output_dir} yet: starting a new run")
     resume_state = checkpoint.load_state(resume_path, mapped_optimizer=True) if resume_path else None
@@ -515,10 +518,14 @@ def start_run(args, kind, lora):
                            resume_state=resume_state, clock=clock, kind=kind, lora=lora)
 
 
-def prepare_output_dir(output_dir, ctx, log):
-    """Called once all input is checked, so a bad run leaves nothing behind."""
+def prepare_output_dir(args, ctx, log):
+    """Called once all input is checked, so a bad run leaves nothing behind (--overwrite_output_dir: not even
+    deletes the earlier run's work before then)."""
     if ctx.is_main:
-        os.makedirs(output_dir, exist_ok=True)
+        os.makedirs(args.output_dir, exist_ok=True)
         from .checkpoint import remove_partial
+        from .output_dir import clear_earlier_run
 
-        remove_partial(output_dir, log)
+        remove_partial(args.output_dir, log)
+        if args.overwrite_output_dir:
+            clear_earlier_run(args.output_dir, log)

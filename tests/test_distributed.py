@@ -120,7 +120,9 @@ def test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody(tiny, tmp_path, t
     - rank 1 loads its models and data 40 s after rank 0 (minutes at real size, never at the same pace): before
       distributed.wait_for_everyone, rank 0 stopped with a gloo TIMEOUT in the barrier;
     - rank 0 works alone on a checkpoint for 35 s (the sharded one, where every rank first sends its optimizer shard
-      to rank 0 and then waits while rank 0 writes the rest): before distributed.on_rank_0, rank 1 died 30 s in.
+      to rank 0 and then waits while rank 0 writes): before distributed.on_rank_0, rank 1 died 30 s in; and when
+      rank 0 still wrote its own part of the state while rank 1 waited in the broadcast of its shard (the delay is
+      injected at the start of everything rank 0 writes), rank 1 died 30 s in too.
     The final save waits on rank 0 the same way (on_rank_0)."""
     out = tmp_path / "out"
     env = {SLOW_ENV: "loading@1=40,checkpoint=35"}

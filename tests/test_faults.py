@@ -84,6 +84,39 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
+def test_everything_a_checkpoint_writes_or_deletes_is_rank_0s_work_alone(tmp_path, monkeypatch):
+    """Checkpointer.save hands rank 0's disk work to `alone` (distributed.on_rank_0, whose heartbeats the other ranks
+    join): the training state, the weights, publishing, and deleting old checkpoints (--checkpoints_total_limit).
+    Outside it the other ranks would wait in one collective for as long as the disk takes (gloo gives up at 30 s)."""
+    from types import SimpleNamespace
+
+    inside, done = [False], []
+
+    def alone(work):
+        inside[0] = True
+        try:
+            return work()
+        finally:
+            inside[0] = False
+
+    def recorded(name, real):
+        def call(*args, **kwargs):
+            done.append((name, inside[0]))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(checkpoint, "write_state", recorded("state", checkpoint.write_state))
+    monkeypatch.setattr(checkpoint, "discard", recorded("delete", checkpoint.discard))
+    state = SimpleNamespace(state_dict=lambda: {})
+    args = SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=1, sharding=None)
+    saver = checkpoint.Checkpointer(args, 0, recorded("weights", lambda folder: None), None, state, state, state, None)
+    for step in (1, 2):
+        saver.save(step, alone)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [2]
+    assert {name for name, _ in done} == {"state", "weights", "delete"}
+    assert all(alone_ for _, alone_ in done), done
+
+
 def test_partial_leftovers_are_ignored_then_removed_with_one_warning_each(tmp_path):
     checkpoint.save(str(tmp_path), 2, lambda folder: None, {"global_step": 2})
     (tmp_path / ".tmp-checkpoint-3").mkdir()  # a save killed half-way

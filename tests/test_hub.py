@@ -2,6 +2,7 @@
 error line before anything is trained or written; after training each hub gets exactly the model, its card and the
 grid. The hubs' calls are replaced where they leave this process (no network here)."""
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -170,3 +171,47 @@ def test_wandb_is_not_given_the_hub_tokens(tmp_path, monkeypatch):
     tracking.Tracker(args, True)
     assert given["config"]["learning_rate"] == 1e-4
     assert "secret" not in repr(given["config"])
+
+
+def aistudio_args(*flags):
+    return train_text_to_image_prior_lora.parse_args(["--train_data_dir", ".", *AISTUDIO, "--aistudio_token", "t",
+                                                     *flags])
+
+
+@pytest.mark.parametrize("flags,private", [([], True), (["--aistudio_repo_private", "false"], False),
+                                           (["--aistudio_repo_private"], True)])
+def test_a_new_aistudio_repo_is_private_unless_asked(monkeypatch, flags, private):
+    """PaddleNLP's --aistudio_repo_private, default true (aistudio-sdk's own create_repo default is public)."""
+    from aistudio_sdk import hub as aistudio_hub
+
+    created = []
+    monkeypatch.setattr(aistudio_hub, "create_repo", lambda **kw: created.append(kw) or {"repo_id": "kandi-lora"})
+    hub.check_access(aistudio_args(*flags))
+    assert created[0]["private"] is private and created[0]["repo_id"] == "someone/kandi-lora"
+
+
+def test_an_aistudio_token_of_another_user_fails_before_training(monkeypatch):
+    """AI Studio makes the repo under the token's user, whatever user the id names: the upload would go elsewhere."""
+    from aistudio_sdk import hub as aistudio_hub
+
+    monkeypatch.setattr(aistudio_hub, "create_repo", lambda **kw: {"repo_id": "other/kandi-lora"})
+    with pytest.raises(UsageError, match=r"^--aistudio_repo_id someone/kandi-lora: the token is other's, and AI Studio "
+                                         r"creates repos under the token's user \(it made other/kandi-lora\): pass "
+                                         r"someone's token, or --aistudio_repo_id other/kandi-lora$"):
+        hub.check_access(aistudio_args())
+
+
+@pytest.mark.parametrize("flags,safe", [
+    (["--push_to_hub", "--hub_token", "hf_x"], "drop --hub_token and run `huggingface-cli login` or set HF_TOKEN"),
+    ([*AISTUDIO, "--aistudio_token", "t"], "drop --aistudio_token and set AISTUDIO_ACCESS_TOKEN or run `aistudio "
+                                           "config -t <token>`"),
+])
+def test_wandb_with_a_token_on_the_command_line_is_refused(tiny, tmp_path, flags, safe):
+    """wandb records the command line (as diffusers' scripts refuse it, for the same reason)."""
+    fails_before_training(tiny, tmp_path, ["--report_to", "wandb", *flags],
+                          rf"^--report_to wandb records the command line, --\w+ included, where everyone who sees the "
+                          rf"run can read it: {re.escape(safe)} instead$")
+
+
+def test_aistudio_repo_private_without_save_to_aistudio_is_a_usage_error(tiny, tmp_path):
+    fails_before_training(tiny, tmp_path, ["--aistudio_repo_private", "false"], "are for --save_to_aistudio")

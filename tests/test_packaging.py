@@ -37,3 +37,11 @@ def test_demo_prints_commands_a_user_can_paste_and_says_the_picture_is_noise(tmp
     threads = [line for line in proc.stderr.splitlines() if "thread(s) per process for Paddle's kernels" in line]
     assert len(threads) == 2 and all(line.endswith("(OMP_NUM_THREADS)") == ("OMP_NUM_THREADS" in GIVEN_ENVIRONMENT)
                                      for line in threads), threads
+    # pasted as it is, a command would replace the demo's run: one line says how to go on instead
+    pasted = run(shlex.split(commands[0].replace("python", sys.executable, 1)), cwd=tmp_path, check=False)
+    assert pasted.returncode == 2 and pasted.stderr.strip().splitlines()[-1].startswith(
+        "error: --output_dir ") and "--resume_from_checkpoint latest, or start over with --overwrite_output_dir" \
+        in pasted.stderr, pasted.stderr[-2000:]
+    # the demo itself starts over when run again
+    again = run([sys.executable, "-m", "kandinsky_finetune.demo", "--workdir", str(tmp_path), "--steps", "2"])
+    assert f"removing the previous demo's {tmp_path / 'prior-finetuned'}" in again.stdout

@@ -227,3 +227,16 @@ def test_the_other_scripts_shard_too(tiny, tmp_path, script, saved):
     state = load_state(str(out / "checkpoint-2"))
     assert len([k for k in state["optimizer"] if "moment" in k]) == 2 * trained  # every rank's, in rank 0's checkpoint
     assert (state["ema"] is not None) == bool(extra)
+
+
+def test_the_cpu_plan_of_a_sharded_checkpoint_counts_the_shards_rank_0_receives(tiny):
+    """Rank 0 receives the other ranks' optimizer shards before it writes (no rank waits in a collective while it
+    writes): on a CPU, that is memory of its process for the while."""
+    def checkpoint_items(device, processes, *extra):
+        plan = memory_plan.build(plan_args_of(tiny, *extra), "prior", False, device, processes)
+        return {label: size for label, size, _ in plan.phases["checkpoint"]}
+
+    whole = checkpoint_items("cpu", 1)["optimizer states"]
+    sharded = checkpoint_items("cpu", 2, "--sharding", "stage1")
+    assert sharded["optimizer states"] + sharded["other ranks' optimizer states"] == whole
+    assert "other ranks' optimizer states" not in checkpoint_items("gpu", 2, "--sharding", "stage1")  # (host memory)
