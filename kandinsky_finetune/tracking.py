@@ -117,7 +117,8 @@ def check_available(report_to):
 def progress_bar(total, initial, is_main):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="steps", disable=not is_main, dynamic_ncols=True)
+    # redrawn twice a second, not tqdm's ten times: each redraw formats the line and asks the terminal for its width
+    return tqdm(total=total, initial=initial, desc="steps", disable=not is_main, dynamic_ncols=True, mininterval=0.5)
 
 
 class Stopwatch:

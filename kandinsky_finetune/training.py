@@ -236,7 +236,7 @@ class Loop:
         self.tracker = tracking.Tracker(args, self.ctx.is_main)
         self.log(f"{num_samples} samples, {self.ctx.world_size} process(es), {self.steps_per_epoch} optimizer steps "
                  f"per epoch, {self.max_train_steps} steps in all{note}")
-        self._group, self._last, self._loss = 1, True, 0.0
+        self._group, self._last, self._losses = 1, True, []
         self._batches = None  # the loader's stream of batches, while epochs() runs
         self.clock.samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * self.ctx.world_size
         self.bar = tracking.progress_bar(self.max_train_steps, self.global_step, self.ctx.is_main)
@@ -283,7 +283,7 @@ class Loop:
     def backward(self, loss):
         loss = loss / self._group
         self.precision.backward(loss)
-        self._loss += float(loss.item())
+        self._losses.append(loss.detach())  # read in _step, once per optimizer step: on a GPU each read is a wait
 
     def step_if_due(self):
         """After a group's last micro-batch: check, step, EMA, log; a checkpoint when due or when asked to stop."""
@@ -308,8 +308,11 @@ class Loop:
         max_norm = self.args.max_grad_norm
         clip_here = max_norm > 0 and not self.args.sharding
         grads_finite = clip_gradients(grads, max_norm) if clip_here else faults.all_finite(grads)
+        loss = 0.0  # the group's micro-batch losses, read at once now that the device has finished the backward pass
+        for value in paddle.stack(self._losses).numpy().tolist():
+            loss += value
         loss, bad_grads, stop = distributed.sum_across_ranks(
-            [self._loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
+            [loss, 0.0 if grads_finite else 1.0, 1.0 if self.stop.signum else 0.0], self.ctx)
         loss /= self.ctx.world_size
         try:  # every rank has the same loss and count, so all stop here together
             warning = faults.check_step(step, loss, bad_grads == 0, self.precision.scaler)
@@ -330,7 +333,7 @@ class Loop:
         self.global_step += 1
         self.clock.step_done()
         logged = {"train_loss": loss, "lr": self.lr_scheduler.get_lr()}
-        self._loss = 0.0
+        self._losses = []
         self.tracker.scalars(logged, self.global_step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{logged['train_loss']:.4f}", lr=f"{logged['lr']:.2e}", refresh=False)

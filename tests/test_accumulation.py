@@ -51,3 +51,26 @@ def test_batch_of_4_equals_2_processes_with_batches_of_2(tiny, tmp_path, batch_o
         (tmp_path / "log" / f"workerlog.{r}").read_text()[-2000:] for r in (0, 1) if (tmp_path / "log").is_dir())
     assert "2 process(es)" in (tmp_path / "log" / "workerlog.0").read_text()
     assert_same_step(tiny, batch_of_4, out)
+
+
+def test_a_micro_batch_backward_does_not_wait_for_the_device(monkeypatch):
+    # On a GPU every read of a tensor's value waits for all queued work: the loop reads the step's losses once, after
+    # the clipping's norm (Loop._step), not after each micro-batch
+    from types import SimpleNamespace
+
+    import paddle
+
+    from kandinsky_finetune.tracking import Log
+    from kandinsky_finetune.training import Loop, Precision
+
+    def read(*args, **kwargs):
+        raise AssertionError("a micro-batch's backward read a value from the device")
+
+    loop = SimpleNamespace(_group=2, _losses=[], precision=Precision("no", Log(False)))
+    x = paddle.to_tensor([3.0], stop_gradient=False)
+    with monkeypatch.context() as m:
+        for name in ("item", "numpy", "tolist", "__float__"):
+            m.setattr(paddle.Tensor, name, read)
+        Loop.backward(loop, (x * x).sum())
+    assert x.grad.numpy().tolist() == [3.0]  # d/dx of x^2 / 2
+    assert [loss.numpy().tolist() for loss in loop._losses] == [4.5]

@@ -49,3 +49,14 @@ def test_cores_busy_is_cpu_seconds_per_wall_second_while_training():
     samples = [(0.0, 5.0), (1.0, 5.5), (2.0, 7.0), (3.0, 8.5), (4.0, 8.6)]  # (time, CPU seconds so far)
     assert cores_busy(samples, 1.0, 3.0) == pytest.approx(1.5)  # only the samples inside the training phase
     assert math.isnan(cores_busy(samples, 1.5, 2.5))  # fewer than two samples: unknown, not 0
+
+
+def test_bare_step_prints_the_bare_step_beside_the_script(tmp_path):
+    proc = run([sys.executable, str(ROOT / "benchmarks" / "bare_step.py"), "--workdir", str(tmp_path), "--steps", "6",
+                "--repeats", "1"])
+    bare = re.search(r"^bare step: ([\d.]+) steps/s$", proc.stdout, re.M)
+    script = re.search(r"^cached prior script: ([\d.]+) steps/s$", proc.stdout, re.M)
+    ratio = re.search(r"^script / bare step: ([\d.]+)$", proc.stdout, re.M)
+    assert bare and script and ratio, proc.stdout
+    assert float(bare[1]) > 0 and float(script[1]) > 0
+    assert float(ratio[1]) == pytest.approx(float(script[1]) / float(bare[1]), abs=0.01)

@@ -46,3 +46,12 @@ def test_the_norm_scales_gradients_in_place_to_the_limit():
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_a_non_finite_gradient_is_reported(bad):
     assert not clip_gradients([paddle.to_tensor([1.0, 2.0]), paddle.to_tensor([bad])], 1.0)
+
+
+@pytest.mark.parametrize("dtypes", [("float32", "float64"), ("float64", "float64")])
+def test_gradients_of_other_dtypes_are_scaled_in_their_own(dtypes):
+    grads = [paddle.to_tensor([3.0, 0.0]).astype(dtypes[0]), paddle.to_tensor([[4.0]]).astype(dtypes[1])]
+    assert clip_gradients(grads, 1.0)
+    assert [str(g.dtype) for g in grads] == [f"paddle.{d}" for d in dtypes]
+    assert grads[0].numpy() == pytest.approx([0.6, 0.0], rel=1e-6)
+    assert grads[1].numpy().ravel() == pytest.approx([0.8], rel=1e-6)

@@ -1,0 +1,91 @@
+"""The prior's bare training step beside the cached prior script, interleaved in one run: what the loop costs.
+
+    python benchmarks/bare_step.py [--workdir DIR] [--steps 200] [--repeats 3]
+
+On the benchmark's tiny "reference" models (benchmarks/run.py builds them, or reuses them in --workdir), batch 2:
+the bare step is the prior's forward, loss, backward, AdamW step and clear_grad on a few batches encoded beforehand,
+nothing else, with the script's CPU threads per kernel; the script is train_text_to_image_prior.py
+--cache_encoder_outputs run as benchmarks/run.py runs it. Both rates are steady steps/s (the first 3 steps left out,
+the same clock as the script's `time:` line); runs of the two alternate, and the medians and their ratio are printed.
+"""
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import run as bench  # (benchmarks/run.py: keeps the environment as given, before paddle sets OMP_NUM_THREADS)
+
+import train_text_to_image_prior as script  # noqa: E402  (sets OMP_NUM_THREADS as the script does, imports paddle)
+
+
+def encoded_batches(prior_repo, decoder_repo, data, count):
+    """(components, `count` prepared micro-batches of 2) as the script's loader makes them, encoders run now."""
+    from types import SimpleNamespace
+
+    from kandinsky_finetune import data as data_lib, prior, tracking, training
+
+    args = script.parse_args(["--pretrained_prior_model_name_or_path", prior_repo, "--train_data_dir", data,
+                              "--pretrained_decoder_model_name_or_path", decoder_repo, "--resolution", "64",
+                              "--train_batch_size", "2", "--seed", "0", "--output_dir", os.devnull])
+    precision = training.Precision("no", tracking.Log(False))
+    c = prior.load_components(args, precision, needs_decoder=False)
+    ds = data_lib.load_train_dataset(args, 0, [args.image_column, args.caption_column])
+    ctx = SimpleNamespace(rank=0, world_size=1)
+    _, loader = data_lib.build_loader(ds, prior.sample_maker(args, c), args, ctx, 0,
+                                      prepare=prior.batch_inputs(c, precision))
+    return c, args, precision, list(itertools.islice(loader.epochs(0, 0, 10 ** 6), count))
+
+
+def bare_steps_per_second(c, args, precision, batches, steps):
+    import paddle
+
+    from kandinsky_finetune import prior, tracking
+
+    c.prior.train()
+    trainable = [p for p in c.prior.parameters() if not p.stop_gradient]
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=trainable, beta1=args.adam_beta1,
+                                       beta2=args.adam_beta2, epsilon=args.adam_epsilon,
+                                       weight_decay=args.adam_weight_decay)
+    clock = tracking.Stopwatch()
+    for batch in itertools.islice(itertools.cycle(batches), steps):
+        prior.loss(c, c.prior, batch, args.snr_gamma, precision).backward()
+        optimizer.step()
+        optimizer.clear_grad(set_to_zero=False)
+        clock.step_done()
+    return clock.steady_steps_per_second()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=os.path.join(bench.ROOT, "benchmark_output"))
+    parser.add_argument("--steps", type=int, default=200, help="Optimizer steps per run, of each.")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each; the medians are printed.")
+    args = parser.parse_args()
+    from kandinsky_finetune.tracking import quiet_libraries
+
+    quiet_libraries()
+    started = time.time()
+    prior_repo, decoder_repo, data = bench.build(args.workdir, "reference")
+    components = encoded_batches(prior_repo, decoder_repo, data, 4)
+    out = os.path.join(args.workdir, "reference", "prior-cached")
+    hf_cache = os.path.join(args.workdir, "reference", "hf-datasets-cache")
+    rates = {"bare": [], "script": []}
+    for r in range(args.repeats):
+        for kind in ("bare", "script") if r % 2 == 0 else ("script", "bare"):
+            rate = (bare_steps_per_second(*components, args.steps) if kind == "bare" else
+                    bench.run("prior", prior_repo, decoder_repo, data, out, args.steps, True, hf_cache, [])["steps"])
+            rates[kind].append(rate)
+            print(f"  {kind}: {rate:.2f} steps/s", file=sys.stderr, flush=True)
+    bare, full = statistics.median(rates["bare"]), statistics.median(rates["script"])
+    print(f"{os.cpu_count()} CPU(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, batch 2, {args.steps} steps "
+          f"per run, median of {args.repeats}")
+    print(f"bare step: {bare:.2f} steps/s")
+    print(f"cached prior script: {full:.2f} steps/s")
+    print(f"script / bare step: {full / bare:.2f}")
+    print(f"took {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
