@@ -10,7 +10,7 @@ peak memory (RSS on CPU, device memory on GPU) and where the time went; the benc
 clock to give the cores it kept busy while training. Two model configurations:
 
 - reference: prior 2 layers of 4 heads x 16, UNet channels (64, 128), MoVQ (32, 64): the configuration the
-  PaddleMIX port and the PyTorch original were measured on (README, section 11.3);
+  PaddleMIX port and the PyTorch original were measured on (docs/benchmark.md, README section 11.3);
 - encoder-heavy: the frozen encoders outweigh the trained model about as much as in the real Kandinsky 2.2
   (printed: the FLOP split of each configuration beside the real models').
 

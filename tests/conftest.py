@@ -66,8 +66,10 @@ def state_dict_of(folder):
 
 # The longest tests (minutes each, measured with --durations) go first: with two test processes (-n 2) one of them
 # running last would leave the other idle to the end.
-LONGEST_FIRST = ("test_readme.py::test_readme_blocks_run_as_written",
-                 "test_distributed.py::test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody")
+LONGEST_FIRST = ("test_readme.py::test_blocks_run_as_written[README.md:2,6-13]",
+                 "test_readme.py::test_blocks_run_as_written[README.md:1,3-5]",
+                 "test_distributed.py::test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody",
+                 "test_readme.py::test_blocks_run_as_written[docs/sharding.md]")
 
 
 def pytest_collection_modifyitems(items):
