@@ -3,6 +3,8 @@ import contextlib
 import itertools
 import signal
 
+import paddle  # noqa: F401 (kept for Loop._step: on main it reads the losses with paddle.stack)
+
 # the scripts' and prior/decoder's names for these (training.<name>), owned by the modules they come from
 from .diffusion import diffusion_loss, diffusion_target  # noqa: F401
 from .ema import build_ema, ema_weights  # noqa: F401
