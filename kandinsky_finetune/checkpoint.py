@@ -1,165 +1,16 @@
-"""Checkpoints: `output_dir/checkpoint-<N>/` = model weights (loadable with `from_pretrained`) plus
-`training_state.pdparams` (optimizer, lr schedule, EMA, loss scaler, step, seed, number of processes).
+"""A run's checkpoints (`output_dir/checkpoint-<N>/`: model weights loadable with `from_pretrained`, plus the training
+state): saved and restored by `Checkpointer`, the one to resume from, the training loop's, from finite weights only.
 
-Nothing is ever half-written under a name a later run or a user would load. A checkpoint is written into
-`.tmp-checkpoint-<N>`, synced to disk, and renamed to `checkpoint-<N>` when complete; rotation deletes old
-ones only after the new one exists (renaming them to `.tmp-...` first, so a crash mid-delete leaves no
-half-deleted checkpoint). The final save goes through `.tmp-output` the same way (see `publish`). Whatever
-`.tmp-*` a crash leaves behind, the next run removes with a warning. A failed write (full disk, no
-permission) removes its temporary folder and ends the run with one line; earlier checkpoints stay intact.
+How a checkpoint folder is written whole: checkpoint_files.py; the training state's files: training_state.py.
 """
-import contextlib
 import os
-import re
-import shutil
 
 import paddle
 
-from .faults import RunError, first_line, is_write_error
+from .checkpoint_files import list_checkpoints, save
+from .faults import RunError
 from .params import UsageError
-from .sharding import is_tensor
-
-PREFIX = "checkpoint-"
-STATE_FILE = "training_state.pdparams"  # step, seed, schedules; written last of all, so it marks a complete checkpoint
-STATE_TENSORS = "training_state.safetensors"  # the optimizer's and EMA's tensors, written a tensor at a time
-_TENSOR = "__tensor__"  # stands in STATE_FILE for a tensor kept in STATE_TENSORS
-TMP = ".tmp-"  # unfinished work: removed by the next run
-PIPELINE_INDEX = "model_index.json"  # what makes a folder load as a pipeline: moved into place last
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints as sorted (step, path) pairs."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def remove_partial(output_dir, log):
-    """Delete what an interrupted run left unfinished (a checkpoint or final save being written, an old
-    checkpoint being deleted), with one warning line each."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in sorted(os.listdir(output_dir)):
-        if name.startswith(TMP):
-            log.warn(f"removing {os.path.join(output_dir, name)}: left incomplete by an interrupted run")
-            _remove(os.path.join(output_dir, name))
-
-
-def save(output_dir, step, write_weights, state, total_limit=None):
-    """Write checkpoint-<step> atomically: `write_weights(folder)` saves the model(s), `state` goes to STATE_FILE;
-    then keep the `total_limit` newest (the new one always among them). All of it rank 0's work alone: with several
-    processes it runs under distributed.on_rank_0, the other ranks' shards already in `state` (Checkpointer.save)."""
-    from .faults import injected_delay
-
-    final = os.path.join(output_dir, f"{PREFIX}{step}")
-    tmp = os.path.join(output_dir, f"{TMP}{PREFIX}{step}")
-    injected_delay("checkpoint")
-    with _writing(tmp, f"checkpoint {final}", output_dir):
-        write_weights(tmp)
-        write_state(state, tmp)
-        _sync(tmp)
-        discard(final)  # e.g. a resumed run reaching the same step again
-        os.rename(tmp, final)
-        _sync_dir(output_dir)
-    if total_limit is not None:
-        older = [path for _, path in list_checkpoints(output_dir) if path != final]
-        for path in older[:max(0, len(older) - (total_limit - 1))]:
-            try:
-                discard(path)
-            except OSError as e:
-                raise RunError(f"cannot delete old checkpoint {path} (--checkpoints_total_limit): "
-                               f"{first_line(e)}") from None
-    return final
-
-
-def publish(output_dir, write):
-    """The final save. `write(folder)` fills `output_dir/.tmp-output`; once it is complete and synced, each entry
-    is renamed into output_dir: folders first, then files, `model_index.json` last (an old one is removed
-    before anything moves). So output_dir only looks like a loadable pipeline once it is one, and a single
-    weights file (LoRA) is replaced in one rename. output_dir itself cannot be renamed: it also holds the
-    checkpoints and logs. Returns what `write` returns."""
-    tmp = os.path.join(output_dir, f"{TMP}output")
-    with _writing(tmp, f"the final model to {output_dir}", output_dir):
-        result = write(tmp)
-        _sync(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: (n == PIPELINE_INDEX, os.path.isfile(os.path.join(tmp, n)), n))
-        if PIPELINE_INDEX in names and os.path.lexists(os.path.join(output_dir, PIPELINE_INDEX)):
-            os.remove(os.path.join(output_dir, PIPELINE_INDEX))
-        for name in names:
-            src, dst = os.path.join(tmp, name), os.path.join(output_dir, name)
-            if os.path.isdir(src):
-                discard(dst)
-                os.rename(src, dst)
-            else:
-                os.replace(src, dst)
-        _sync_dir(output_dir)
-        os.rmdir(tmp)
-    return result
-
-
-@contextlib.contextmanager
-def _writing(tmp, what, output_dir):
-    """Write into the fresh folder `tmp`; on any failure remove it, and turn a file-system error into a RunError
-    naming the last complete checkpoint, which is untouched."""
-    try:
-        _remove(tmp)  # a leftover of a crashed run
-        os.makedirs(tmp)
-        yield
-    except BaseException as e:
-        _remove(tmp)
-        if not is_write_error(e):
-            raise
-        found = list_checkpoints(output_dir)
-        kept = f"the last complete checkpoint, {found[-1][1]}, is intact" if found else "no checkpoint was written yet"
-        raise RunError(f"cannot write {what}: {first_line(e)}; {kept}") from None
-
-
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        with contextlib.suppress(OSError):
-            os.remove(path)
-
-
-def discard(path):
-    """Delete a folder so that a crash never leaves it half-deleted under its name: rename it away first."""
-    if not os.path.lexists(path):
-        return
-    trash = os.path.join(os.path.dirname(path), f"{TMP}delete-{os.path.basename(path)}")
-    _remove(trash)
-    os.rename(path, trash)
-    _remove(trash)
-
-
-def _sync(folder):
-    """fsync every file and folder under `folder`, so a rename published after it never points at data still in
-    the page cache (a machine that loses power, a preempted VM)."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _sync_dir(root)
-
-
-def _sync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory; the files are synced
-        pass
-    finally:
-        os.close(fd)
-
+from .training_state import STATE_FILE
 
 class Checkpointer:
     """Saves and restores one run's checkpoints. `save_weights(folder)` / `load_weights(folder)` write and read
@@ -177,13 +28,13 @@ class Checkpointer:
         that exchange is over does rank 0 touch the disk, so no rank waits in a collective while rank 0 writes."""
         alone = alone or (lambda work: work())
         if getattr(self.args, "sharding", None):
-            from . import sharding
+            from .sharded_checkpoint import gathered_state, received, take_part
 
-            optimizer = sharding.gathered_state(self.optimizer)
+            optimizer = gathered_state(self.optimizer)
             if paddle.distributed.get_rank() != 0:
-                sharding.take_part(optimizer)
+                take_part(optimizer)
                 return alone(lambda: None)
-            optimizer = sharding.received(optimizer)
+            optimizer = received(optimizer)
         else:
             optimizer = self.optimizer.state_dict()
         state = {"global_step": step, "seed": self.seed, "processes": paddle.distributed.get_world_size(),
@@ -194,7 +45,7 @@ class Checkpointer:
                                   self.args.checkpoints_total_limit))
 
     def resume(self, run, log):
-        """Restore the checkpoint `training.start_run` found, if any; return the step to continue from."""
+        """Restore the checkpoint `startup.start_run` found, if any; return the step to continue from."""
         if run.resume_state is None:
             return 0
         step = self.restore(run.resume_path, run.resume_state)
@@ -232,7 +83,7 @@ class Checkpointer:
 def full_model_weights(model, name, ema=None, trainable=None):
     """(save, load) for a fully fine-tuned model kept as `<checkpoint>/<name>/` (and `<name>_ema/` with EMA),
     each loadable with `from_pretrained`."""
-    from .training import ema_weights
+    from .ema import ema_weights
 
     from .models import save_model
 
@@ -293,18 +144,6 @@ def check_written_by(path, kind, lora):
                      f"{'LoRA' if other_lora else 'full fine-tuning'}), not {this}: resume it with that script")
 
 
-def write_state(state, folder):
-    """The training state: its tensors (AdamW's moments, EMA weights: 12 bytes per trained parameter) streamed to
-    STATE_TENSORS, the rest pickled to STATE_FILE. paddle.save of the whole state would hold a host copy of every
-    tensor until the file is complete (its pickler keeps them), twice the optimizer's memory at real size."""
-    from .tensor_files import write_safetensors
-
-    tensors = {}
-    skeleton = _split(state, "", tensors)
-    write_safetensors(tensors, os.path.join(folder, STATE_TENSORS))
-    paddle.save(skeleton, os.path.join(folder, STATE_FILE))
-
-
 def check_every_rank_resumes_alike(args, resume_state, ctx):
     """Each rank finds --resume_from_checkpoint in its own file system: on several machines one that does not see
     rank 0's checkpoint would start over and train a different number of steps. Then every rank stops."""
@@ -327,46 +166,6 @@ def check_every_rank_resumes_alike(args, resume_state, ctx):
             "path on each machine"), ctx)
 
 
-def load_state(path, mapped_optimizer=False):
-    """The training state written by `write_state` (or, from older checkpoints, pickled whole). With
-    `mapped_optimizer`, the optimizer's tensors are read-only memory maps of the file, read only when the optimizer
-    takes them: a sharded run's process reads its own part of the moments, not every process all of them (and none
-    of them sits on the device before the optimizer does)."""
-    state = paddle.load(os.path.join(path, STATE_FILE))
-    tensors_file = os.path.join(path, STATE_TENSORS)
-    if not os.path.isfile(tensors_file):
-        return state
-    from .tensor_files import map_safetensors, read_safetensors
-
-    optimizer = "/optimizer/"
-    tensors = read_safetensors(tensors_file, skip=lambda name: mapped_optimizer and name.startswith(optimizer))
-    if mapped_optimizer:
-        tensors.update((k, v) for k, v in map_safetensors(tensors_file).items() if k.startswith(optimizer))
-    return _join(state, tensors.__getitem__)
-
-
-def _split(obj, path, tensors):
-    """`obj` with each tensor replaced by {_TENSOR: its path}, the tensors collected in `tensors` by path."""
-    if is_tensor(obj):
-        tensors[path] = obj
-        return {_TENSOR: path}
-    if isinstance(obj, dict):
-        return {k: _split(v, f"{path}/{k}", tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj))
-    return obj
-
-
-def _join(obj, tensor):
-    if isinstance(obj, dict):
-        if obj.keys() == {_TENSOR}:
-            return tensor(obj[_TENSOR])
-        return {k: _join(v, tensor) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_join(v, tensor) for v in obj)
-    return obj
-
-
 def load_weights_into(model, folder):
     """Copy the weights saved by `save_pretrained` in `folder` into the live `model` (keeps its parameters,
     so the optimizer's references stay valid), a tensor at a time where the file allows it."""
@@ -384,3 +183,46 @@ def load_weights_into(model, folder):
             found = list(saved[key].shape) if key in saved else "missing"
             raise ValueError(f"{key}: {found} in the checkpoint, {list(tensor.shape)} in the model")
     model.set_state_dict(saved)
+
+
+def write_from_loop(loop):
+    """The training loop's checkpoint-<step> (training.Loop), from finite weights only: written by rank 0 while the
+    others wait in on_rank_0's heartbeats (with --sharding they first send it their optimizer shards, then wait the same
+    way); returns its path (None on other ranks)."""
+    from .distributed import on_rank_0
+    from .sharding import whole_parameters
+
+    def write(alone=None):
+        with loop.clock.phase("checkpointing"):
+            path = loop.checkpointer.save(loop.global_step, alone)
+        if path:
+            loop.log(f"saved {path}")
+        return path
+
+    what = f"writing checkpoint-{loop.global_step}"
+    check_weights(loop)
+    with whole_parameters(loop.model):  # (--sharding stage3: gathered to rank 0, which writes them)
+        if loop.args.sharding:  # every rank takes part in writing the optimizer state; the rest is rank 0's alone
+            return write(alone=lambda work: on_rank_0(what, work, loop.ctx))
+        return on_rank_0(what, write, loop.ctx)
+
+
+def check_weights(loop, whole=False):
+    """Nothing is saved from non-finite weights (and EMA weights) of the loop's model. Every rank checks what it holds
+    (with --sharding stage3 its slices, and all ranks agree); `whole`: rank 0 alone, with the weights gathered."""
+    from . import distributed
+    from .faults import all_finite
+    from .sharding import is_stage3, local_weights
+
+    held = loop.trainable if whole else local_weights(loop.model, loop.trainable)
+    finite = all_finite(list(held) + (list(loop.ema.shadow_params) if loop.ema is not None else []))
+    agreed = is_stage3(loop.model) and not whole
+    if agreed:
+        finite = distributed.sum_across_ranks([0.0 if finite else 1.0], loop.ctx)[0] == 0
+    if not finite:
+        error = RunError(f"step {loop.global_step}: the weights are not finite after this optimizer step: "
+                         "training diverged; nothing was saved from it (try a lower --learning_rate, or "
+                         "--max_grad_norm)")
+        if agreed:
+            distributed.raise_together(error, loop.ctx)
+        raise error

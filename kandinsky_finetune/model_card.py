@@ -16,7 +16,7 @@ SECRET_FLAGS = ("--hub_token", "--aistudio_token")
 
 
 def with_card(save, args, run, step):
-    """`save(folder)` for checkpoint.publish, followed by the card (and the grid) in the same folder: they are
+    """`save(folder)` for checkpoint_files.publish, followed by the card (and the grid) in the same folder: they are
     published with the model or not at all, and never go into checkpoints."""
     def save_with_card(folder):
         what = save(folder)
@@ -27,7 +27,7 @@ def with_card(save, args, run, step):
 
 
 def write(folder, args, run, step):
-    """README.md (and validation_grid.png) into `folder`, for the run `run` (training.start_run's) after `step` steps."""
+    """README.md (and validation_grid.png) into `folder`, for the run `run` (startup.start_run's) after `step` steps."""
     grid = os.path.join(validation.step_folder(args.output_dir, step), validation.GRID)
     has_grid = bool(validation.prompts(args)) and os.path.isfile(grid)
     if has_grid:

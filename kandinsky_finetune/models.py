@@ -202,11 +202,16 @@ def _recomputed(forward, *args, **kwargs):
     return recompute(forward, *args, use_reentrant=False, **kwargs)
 
 
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
+    return model
+
+
 def frozen(model, precision):
     """A frozen model as the run uses it: no gradients, eval mode, in the run's low precision under
     --mixed_precision, without the attention layers' no-op upcasts in fp32."""
-    from .training import freeze
-
     freeze(model)
     precision.cast_frozen(model)
     skip_fp32_upcasts(precision, model)

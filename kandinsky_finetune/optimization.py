@@ -5,7 +5,7 @@ import math
 import paddle
 from paddle import _C_ops
 
-from .training import plan_steps
+from .steps import plan_steps
 
 
 def build_optimizer(parameters, args, sampler):

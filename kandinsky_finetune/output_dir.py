@@ -52,7 +52,7 @@ def check_not_a_source(args, kind):
 def earlier_run(output_dir):
     """(sorted steps of its complete checkpoints, whether it holds a saved model) of an earlier run in output_dir.
     Logs, validation images and unfinished .tmp-* work alone do not count."""
-    from .checkpoint import list_checkpoints
+    from .checkpoint_files import list_checkpoints
 
     return [step for step, _ in list_checkpoints(output_dir)], bool(saved_model(output_dir))
 
@@ -60,7 +60,7 @@ def earlier_run(output_dir):
 def saved_model(output_dir):
     """The entries of output_dir that a finished run wrote: a pipeline (model_index.json and its component folders)
     or a LoRA file, with the model card and its grid beside them; [] if there is no saved model."""
-    from .checkpoint import PIPELINE_INDEX
+    from .checkpoint_files import PIPELINE_INDEX
     from .lora import WEIGHTS_NAME
     from .model_card import CARD, GRID
 
@@ -83,7 +83,7 @@ def saved_model(output_dir):
 def clear_earlier_run(output_dir, log):
     """--overwrite_output_dir, on rank 0 once every input is checked: delete the earlier run's checkpoints, saved model
     (with its card) and validation images, so nothing of it mixes with the new run's. Logs stay."""
-    from .checkpoint import discard, list_checkpoints
+    from .checkpoint_files import discard, list_checkpoints
 
     gone = [path for _, path in list_checkpoints(output_dir)]
     gone += [os.path.join(output_dir, name) for name in saved_model(output_dir)]
@@ -94,3 +94,15 @@ def clear_earlier_run(output_dir, log):
     if gone:
         log(f"--overwrite_output_dir: deleted the earlier run's {', '.join(os.path.basename(p) for p in gone)} from "
             f"{output_dir}")
+
+
+def prepare_output_dir(args, ctx, log):
+    """Called once all input is checked, so a bad run leaves nothing behind (--overwrite_output_dir: not even
+    deletes the earlier run's work before then)."""
+    if ctx.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        from .checkpoint_files import remove_partial
+
+        remove_partial(args.output_dir, log)
+        if args.overwrite_output_dir:
+            clear_earlier_run(args.output_dir, log)

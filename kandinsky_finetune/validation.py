@@ -134,3 +134,28 @@ def run(pipe, trained_models, args, seed, step, tracker, log):
         for m in trained_models:
             m.train()
     log(f"validation images: {folder}")
+
+
+def if_due(loop, epoch, validate):
+    """`validate(step)` after epochs 0, every, 2*every, ... (counting from 0) of the training loop (training.Loop), on
+    rank 0 while the others wait, when there is a prompt; the end of training validates in final_save. With --sharding
+    stage3 every rank validates alike (the trained model's layers gather their slices from every rank); rank 0 writes
+    the images."""
+    from .distributed import on_rank_0
+    from .sharding import is_stage3
+
+    if prompts(loop.args) and epoch % loop.args.validation_epochs == 0 and not loop.done:
+        if is_stage3(loop.model):
+            in_loop(loop, validate)
+        else:
+            on_rank_0(f"validating at step {loop.global_step}", lambda: in_loop(loop, validate), loop.ctx)
+
+
+def in_loop(loop, validate):
+    """`validate(step)` between the loop's steps, the loader's read-ahead paused."""
+    from .faults import injected_delay
+
+    # autocast entered in the thread that validates (it is per thread): frozen parts may be in half precision
+    with loop.paused(), loop.clock.phase("validation"), loop.precision.autocast():
+        injected_delay("validation")
+        validate(loop.global_step)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import ROOT, logged, model_args, run, state_dict_of
 from kandinsky_finetune import decoder, prior
-from kandinsky_finetune.data import (ShardedBatchSampler, apply_view, clip_input, draw_view, load_train_dataset,
-                                     pick_caption, sample_rng, to_movq_input)
+from kandinsky_finetune.data import apply_view, clip_input, draw_view, load_train_dataset, pick_caption, to_movq_input
+from kandinsky_finetune.loader import ShardedBatchSampler, sample_rng
 
 
 def epoch_rows(sampler, epoch, skip=0):

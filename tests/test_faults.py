@@ -11,7 +11,7 @@ import pytest
 import train_text_to_image_prior
 import train_text_to_image_prior_lora
 from conftest import model_args
-from kandinsky_finetune import checkpoint, faults, lora
+from kandinsky_finetune import checkpoint, checkpoint_files, faults, lora, training_state
 from kandinsky_finetune.params import UsageError
 
 
@@ -77,10 +77,10 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
         open(os.path.join(folder, "weights"), "w").write("w")
 
     for step in (4, 6):
-        checkpoint.save(str(tmp_path), step, write, {"global_step": step})
+        checkpoint_files.save(str(tmp_path), step, write, {"global_step": step})
     # a run resumed from an older checkpoint writes checkpoint-3 while 4 and 6 exist
-    checkpoint.save(str(tmp_path), 3, write, {"global_step": 3}, total_limit=2)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [3, 6]
+    checkpoint_files.save(str(tmp_path), 3, write, {"global_step": 3}, total_limit=2)
+    assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path))] == [3, 6]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
@@ -105,26 +105,26 @@ def test_everything_a_checkpoint_writes_or_deletes_is_rank_0s_work_alone(tmp_pat
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(checkpoint, "write_state", recorded("state", checkpoint.write_state))
-    monkeypatch.setattr(checkpoint, "discard", recorded("delete", checkpoint.discard))
+    monkeypatch.setattr(checkpoint_files, "write_state", recorded("state", checkpoint_files.write_state))
+    monkeypatch.setattr(checkpoint_files, "discard", recorded("delete", checkpoint_files.discard))
     state = SimpleNamespace(state_dict=lambda: {})
     args = SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=1, sharding=None)
     saver = checkpoint.Checkpointer(args, 0, recorded("weights", lambda folder: None), None, state, state, state, None)
     for step in (1, 2):
         saver.save(step, alone)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [2]
+    assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path))] == [2]
     assert {name for name, _ in done} == {"state", "weights", "delete"}
     assert all(alone_ for _, alone_ in done), done
 
 
 def test_partial_leftovers_are_ignored_then_removed_with_one_warning_each(tmp_path):
-    checkpoint.save(str(tmp_path), 2, lambda folder: None, {"global_step": 2})
+    checkpoint_files.save(str(tmp_path), 2, lambda folder: None, {"global_step": 2})
     (tmp_path / ".tmp-checkpoint-3").mkdir()  # a save killed half-way
     (tmp_path / ".tmp-checkpoint-3" / "training_state.pdparams").write_text("half")
     (tmp_path / "checkpoint-4").mkdir()  # not ours: no training state, so not a checkpoint
     assert checkpoint.resolve("latest", str(tmp_path)).endswith("checkpoint-2")
     log = Log()
-    checkpoint.remove_partial(str(tmp_path), log)
+    checkpoint_files.remove_partial(str(tmp_path), log)
     assert log.lines == [f"warning: removing {tmp_path / '.tmp-checkpoint-3'}: left incomplete by an interrupted run"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4"]
 
@@ -143,7 +143,7 @@ def fake_pipeline(version):
 def test_final_save_never_leaves_a_loadable_looking_broken_output(tmp_path, monkeypatch):
     out = str(tmp_path)
     os.makedirs(os.path.join(out, "logs"))
-    assert checkpoint.publish(out, fake_pipeline("old")) == "pipeline old"
+    assert checkpoint_files.publish(out, fake_pipeline("old")) == "pipeline old"
     rename, calls = os.rename, []
 
     def failing_rename(src, dst):
@@ -155,11 +155,11 @@ def test_final_save_never_leaves_a_loadable_looking_broken_output(tmp_path, monk
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(faults.RunError, match=r"cannot write the final model to .*No space left on device; "
                                               r"no checkpoint was written yet"):
-        checkpoint.publish(out, fake_pipeline("new"))
+        checkpoint_files.publish(out, fake_pipeline("new"))
     monkeypatch.setattr(os, "rename", rename)
     # no model_index.json: nothing in output_dir loads as a pipeline; no temporary folder is left
     assert sorted(os.listdir(out)) == ["logs", "prior", "scheduler"]
-    assert checkpoint.publish(out, fake_pipeline("new")) == "pipeline new"
+    assert checkpoint_files.publish(out, fake_pipeline("new")) == "pipeline new"
     assert json.load(open(os.path.join(out, "model_index.json"))) == {"version": "new"}
     assert open(os.path.join(out, "prior", "weights")).read() == "new"
     assert sorted(os.listdir(out)) == ["logs", "model_index.json", "prior", "scheduler"]
@@ -202,9 +202,9 @@ def test_disk_full_is_one_error_and_the_last_checkpoint_stays(tiny, tmp_path, mo
                                               rf"{out}/checkpoint-2, is intact$"):
         train_lora(args)
     assert sorted(n for n in os.listdir(out) if n != "logs") == ["checkpoint-1", "checkpoint-2"]
-    assert sorted(os.listdir(out / "checkpoint-2")) == [lora.WEIGHTS_NAME, checkpoint.STATE_FILE,
-                                                        checkpoint.STATE_TENSORS]
-    assert checkpoint.load_state(str(out / "checkpoint-2"))["global_step"] == 2
+    assert sorted(os.listdir(out / "checkpoint-2")) == [lora.WEIGHTS_NAME, training_state.STATE_FILE,
+                                                        training_state.STATE_TENSORS]
+    assert training_state.load_state(str(out / "checkpoint-2"))["global_step"] == 2
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
     # resumed, it fails again on the final save: no LoRA file in output_dir, the checkpoints stay

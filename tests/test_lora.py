@@ -11,7 +11,7 @@ import pytest
 import train_text_to_image_decoder_lora
 import train_text_to_image_prior_lora
 from conftest import logged, model_args, state_dict_of
-from kandinsky_finetune import lora, models, optimization, training, validation
+from kandinsky_finetune import lora, models, optimization, precision, validation
 
 STEPS = 40  # 8 samples in batches of 4: 2 steps per epoch, 20 epochs
 
@@ -22,7 +22,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.grads_at_last_step, self.optimizer, self.model = None, None, None
-        build_optimizer, step, save = optimization.build_optimizer, training.Precision.step, lora.save
+        build_optimizer, step, save = optimization.build_optimizer, precision.Precision.step, lora.save
 
         def spy_build_optimizer(parameters, *a, **k):
             self.loads_before_training = self.loads
@@ -53,7 +53,7 @@ class Spy:
             validate(*a, **k)
 
         monkeypatch.setattr(optimization, "build_optimizer", spy_build_optimizer)
-        monkeypatch.setattr(training.Precision, "step", spy_step)
+        monkeypatch.setattr(precision.Precision, "step", spy_step)
         monkeypatch.setattr(lora, "save", spy_save)
         monkeypatch.setattr(models, "load", counting_load)
         monkeypatch.setattr(validation, "run", spy_validate)

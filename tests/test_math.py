@@ -5,7 +5,8 @@ import numpy as np
 import paddle
 import pytest
 
-from kandinsky_finetune.training import accumulation_groups, diffusion_loss, min_snr_weights, plan_steps
+from kandinsky_finetune.diffusion import diffusion_loss, min_snr_weights
+from kandinsky_finetune.steps import accumulation_groups, plan_steps
 
 ALPHAS_CUMPROD = paddle.to_tensor([0.5, 0.9, 0.05])  # SNR = 1, 9, 1/19
 TIMESTEPS = paddle.to_tensor([1, 0, 2])

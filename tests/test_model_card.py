@@ -13,7 +13,7 @@ import train_text_to_image_decoder_lora
 import train_text_to_image_prior
 import train_text_to_image_prior_lora
 from conftest import run
-from kandinsky_finetune import checkpoint, model_card
+from kandinsky_finetune import checkpoint_files, model_card
 from kandinsky_finetune.faults import RunError
 
 PRIOR, DECODER = "kandinsky-community/kandinsky-2-2-prior", "kandinsky-community/kandinsky-2-2-decoder"
@@ -126,7 +126,7 @@ def test_the_metadata_of_an_output_trained_from_hub_repos(tmp_path, monkeypatch,
 
 
 def test_an_interrupted_final_save_leaves_neither_a_card_nor_a_model(tmp_path, monkeypatch):
-    """The card is written inside checkpoint.publish's temporary folder: a failure while writing it publishes
+    """The card is written inside checkpoint_files.publish's temporary folder: a failure while writing it publishes
     nothing, so output_dir never has a card without its model (or a model without its card)."""
     from types import SimpleNamespace
 
@@ -140,7 +140,7 @@ def test_an_interrupted_final_save_leaves_neither_a_card_nor_a_model(tmp_path, m
     monkeypatch.setattr(model_card, "write", full_disk)
     run_ = SimpleNamespace(kind="prior", lora=True, ctx=SimpleNamespace(world_size=1), seed=0)
     with pytest.raises(RunError, match="No space left on device"):
-        checkpoint.publish(str(tmp_path), model_card.with_card(save, SimpleNamespace(output_dir=str(tmp_path)), run_, 1))
+        checkpoint_files.publish(str(tmp_path), model_card.with_card(save, SimpleNamespace(output_dir=str(tmp_path)), run_, 1))
     assert os.listdir(tmp_path) == []
 
 

@@ -120,7 +120,7 @@ class Rows(paddle.io.Dataset):
 def test_the_next_epochs_first_batch_is_prepared_while_this_epochs_last_trains():
     import time
 
-    from kandinsky_finetune.data import Loader, ShardedBatchSampler
+    from kandinsky_finetune.loader import Loader, ShardedBatchSampler
 
     prepared = []
 

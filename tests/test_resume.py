@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import model_args, run_script, state_dict_of
-from kandinsky_finetune.checkpoint import load_state
+from kandinsky_finetune.training_state import load_state
 
 
 def assert_same_weights(a, b):

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, model_args, run, run_script, state_dict_of
 from test_fault_runs import children, start, text_of, wait_for
 from kandinsky_finetune import memory_plan, params
-from kandinsky_finetune.checkpoint import load_state
+from kandinsky_finetune.training_state import load_state
 
 SCRIPT = "train_text_to_image_prior.py"
 # 8 samples, 2 ranks x batch 2 x 2 micro-batches: one optimizer step per epoch. A max_grad_norm of 0.01 clips every

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import ROOT, state_dict_of
 from test_sharding import COMMON, assert_same_optimizer_state
 from test_sharding import launch as launch_2_processes
-from kandinsky_finetune.checkpoint import load_state
+from kandinsky_finetune.training_state import load_state
 
 SCRIPT = "train_text_to_image_prior.py"
 SHIM = ROOT / "tests" / "stage3_on_cpu.py"

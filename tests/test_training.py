@@ -168,11 +168,11 @@ def test_allow_tf32_governs_matmuls_only(monkeypatch, allow):
     Paddle's default, TF32, as PyTorch's do (turned off, fp32 UNet convolutions ran at full fp32 on Ampere and later)."""
     import paddle
 
-    from kandinsky_finetune import training
+    from kandinsky_finetune import precision
 
     switched = []
-    monkeypatch.setattr(training, "on_gpu", lambda: True)
+    monkeypatch.setattr(precision, "on_gpu", lambda: True)
     for switch in "set_cublas_switch", "set_cudnn_switch":
         monkeypatch.setattr(paddle.base.core, switch, lambda on, switch=switch: switched.append((switch, on)))
-    training.configure_tf32(allow, log=None)
+    precision.configure_tf32(allow, log=None)
     assert switched == [("set_cublas_switch", allow)]
