@@ -34,7 +34,7 @@ def main(argv=None):
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = decoder.cached_dataset(ds, args, c, run)
 
-    # ---- the whole UNet trains; loaded once the data is ready: with --cache_encoder_outputs the encoders are released by then
+    # ---- the whole UNet trains (loaded once the encoders are released, see load_trained)
     unet = decoder.load_trained(c, precision)
     unet.train()
     if args.gradient_checkpointing:

@@ -34,7 +34,7 @@ def main(argv=None):
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = decoder.cached_dataset(ds, args, c, run)
 
-    # ---- the frozen UNet, loaded once the data is ready: with --cache_encoder_outputs the encoders are released by then; LoRA layers train
+    # ---- the frozen UNet (loaded once the encoders are released, see load_trained); LoRA layers train
     unet = decoder.load_trained(c, precision)
     precision.cast_frozen(unet)
     trainable = lora.add_lora(unet, args.lora_rank)  # fp32 whatever the base precision

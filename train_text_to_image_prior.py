@@ -34,7 +34,7 @@ def main(argv=None):
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = prior.cached_dataset(ds, args, c, run)
 
-    # ---- the whole prior trains (but its clip_mean/std); loaded once the data is ready: with --cache_encoder_outputs the encoders are released by then
+    # ---- the whole prior trains, but its clip_mean/std (loaded once the encoders are released, see load_trained)
     prior.load_trained(c, precision)
     c.prior.train()
     if args.gradient_checkpointing:

@@ -166,8 +166,9 @@ def build(args, kind, lora, device=None, processes=1):
     validation_models = (["unet", "movq"] if kind == "prior" else ["prior", "text_encoder"]) if prompts(args) else []
     flags = {prior_repo: loading.PRIOR_FLAG, decoder_repo: loading.DECODER_FLAG}
     for repo in {sources[name][1] for name in [trained_model, *encoders, *validation_models]}:  # (the models' only)
-        loading.check_repo(repo, [sources[n][2] for n in [trained_model, *encoders, *validation_models]
-                                  if sources[n][1] == repo], flags[repo])
+        loading.check_repo(repo, loading.PRIOR_SUBFOLDERS if repo == prior_repo else loading.DECODER_SUBFOLDERS,
+                           flags[repo], needed=[sources[n][2] for n in [trained_model, *encoders, *validation_models]
+                                                if sources[n][1] == repo])
     # a config that cannot be read is a model that cannot be loaded: the error loading would give, now
     models = {name: loading.lazy_model(*sources[name], args.cache_dir, flag=flags[sources[name][1]])
               for name in [trained_model, *encoders, *validation_models]}

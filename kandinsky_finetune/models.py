@@ -15,11 +15,12 @@ DECODER_SUBFOLDERS = ("unet", "movq", "scheduler")
 PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
 
 
-def check_repo(path, subfolders, flag):
-    """A local folder must have the repo's subfolders; anything else is treated as a hub id."""
+def check_repo(path, subfolders, flag, needed=None):
+    """A local folder must have the repo's subfolders (of them, `needed` at least: the memory plan's models);
+    anything else is treated as a hub id."""
     if os.path.isdir(path):
         missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
-        if missing:
+        if missing and set(missing) & set(needed or subfolders):
             raise UsageError(f"{flag} {path} is not a Kandinsky 2.2 repo: missing subfolder(s) {', '.join(missing)} "
                              f"(expected {', '.join(subfolders)})")
     elif os.path.exists(path) or path.startswith((".", "/", "~")):

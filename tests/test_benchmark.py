@@ -32,3 +32,15 @@ def test_benchmark_compares_with_a_git_revision_in_one_run(tmp_path):
     before, after, speedup = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
     assert before > 0 and after > 0 and speedup == pytest.approx(after / before, abs=0.01)
     assert [len(runs.split()) for runs in cells[8].split(";")] == [1, 1]  # each run of each tree shown
+
+
+def test_activation_benchmark_measures_and_plans_each_configuration(tmp_path):
+    """benchmarks/activations.py's code path on the tiny models: each configuration measured in its own process and
+    printed beside the plan's estimate."""
+    proc = run([sys.executable, str(ROOT / "benchmarks" / "activations.py"), "--size", "tiny",
+                "--configs", "prior-b4", "unet-b1-256-ckpt"])
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| prior-b4 ", "| unet-b1-256-ckpt "))]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        measured, plan, ratio = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert float(measured.split()[0]) > 0 and float(plan.split()[0]) > 0 and float(ratio) > 0
