@@ -247,7 +247,7 @@ def build(args, kind, lora, device=None, processes=1):
         plan.phases["encoding"] = [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
     plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, reading_ahead, runtime]
     # a checkpoint: gradients freed, the weights written a tensor at a time (from a GPU through host memory)
-    largest = 0 if gpu else 4 * max(p.size for p in models[trained_model].parameters())
+    largest = 0 if gpu or lora else 4 * max(p.size for p in models[trained_model].parameters())  # (LoRA's: small)
     plan.phases["checkpoint"] = checkpoint_weights + optimizer + [frozen, runtime, (
         "tensor being written", largest, "in host memory, a tensor at a time" if gpu else "the largest")]
     if validation_models:
