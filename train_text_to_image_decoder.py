@@ -26,18 +26,20 @@ def main(argv=None):
     run = training.start_run(args, "decoder", lora=False)
     ctx, log, precision = run.ctx, run.log, run.precision
 
-    # ---- components: the whole UNet trains; MoVQ and the CLIP image encoder are frozen
+    # ---- components: MoVQ and the CLIP image encoder are frozen
     c = decoder.load_components(args, precision)
-    unet = c.unet
-    unet.train()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    training.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
 
     # ---- data: each sample brings its own crop, flip, noise and timestep (see data.py)
     ds = data.load_train_dataset(args, run.seed, [args.image_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = decoder.cached_dataset(ds, args, c, run)
+
+    # ---- the whole UNet trains (loaded once the encoders are released, see load_trained)
+    unet = decoder.load_trained(c, precision)
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    training.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
     # each batch is encoded and noised before the step; in this thread: its kernels already use every core
     sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
                                         prepare=decoder.batch_inputs(c, precision))

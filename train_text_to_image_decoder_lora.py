@@ -26,20 +26,22 @@ def main(argv=None):
     run = training.start_run(args, "decoder", lora=True)
     ctx, log, precision = run.ctx, run.log, run.precision
 
-    # ---- components: everything frozen (the UNet in half precision under --mixed_precision); LoRA layers train
+    # ---- components: everything frozen (in half precision under --mixed_precision)
     c = decoder.load_components(args, precision)
-    unet = c.unet
+
+    # ---- data: each sample brings its own crop, flip, noise and timestep (see data.py)
+    ds = data.load_train_dataset(args, run.seed, [args.image_column])
+    if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
+        ds = decoder.cached_dataset(ds, args, c, run)
+
+    # ---- the frozen UNet (loaded once the encoders are released, see load_trained); LoRA layers train
+    unet = decoder.load_trained(c, precision)
     precision.cast_frozen(unet)
     trainable = lora.add_lora(unet, args.lora_rank)  # fp32 whatever the base precision
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     training.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
-
-    # ---- data: each sample brings its own crop, flip, noise and timestep (see data.py)
-    ds = data.load_train_dataset(args, run.seed, [args.image_column])
-    if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
-        ds = decoder.cached_dataset(ds, args, c, run)
     # each batch is encoded and noised before the step; in this thread: its kernels already use every core
     sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
                                         prepare=decoder.batch_inputs(c, precision))

@@ -26,16 +26,19 @@ def main(argv=None):
     run = training.start_run(args, "prior", lora=False)
     ctx, log, precision = run.ctx, run.log, run.precision
 
-    # ---- components: the whole prior trains (but its clip_mean/std); the CLIP encoders are frozen
+    # ---- components: the CLIP encoders are frozen
     c = prior.load_components(args, precision, needs_decoder=bool(args.validation_prompts))
-    c.prior.train()
-    if args.gradient_checkpointing:
-        models.enable_prior_gradient_checkpointing(c.prior)
 
     # ---- data: each sample brings its own caption pick, noise and timestep (see data.py)
     ds = data.load_train_dataset(args, run.seed, [args.image_column, args.caption_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = prior.cached_dataset(ds, args, c, run)
+
+    # ---- the whole prior trains, but its clip_mean/std (loaded once the encoders are released, see load_trained)
+    prior.load_trained(c, precision)
+    c.prior.train()
+    if args.gradient_checkpointing:
+        models.enable_prior_gradient_checkpointing(c.prior)
     # the next batch is built, encoded and noised in a second thread while this one trains (prefetch.py)
     sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed,
                                         prepare=prior.batch_inputs(c, precision), read_ahead=True)

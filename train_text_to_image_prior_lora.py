@@ -26,18 +26,21 @@ def main(argv=None):
     run = training.start_run(args, "prior", lora=True)
     ctx, log, precision = run.ctx, run.log, run.precision
 
-    # ---- components: everything frozen (the prior in half precision under --mixed_precision); LoRA layers train
+    # ---- components: everything frozen (in half precision under --mixed_precision)
     c = prior.load_components(args, precision, needs_decoder=bool(args.validation_prompt))
-    precision.cast_frozen(c.prior)
-    trainable = lora.add_lora(c.prior, args.lora_rank)  # fp32 whatever the base precision
-    c.prior.train()
-    if args.gradient_checkpointing:
-        models.enable_prior_gradient_checkpointing(c.prior)
 
     # ---- data: each sample brings its own caption pick, noise and timestep (see data.py)
     ds = data.load_train_dataset(args, run.seed, [args.image_column, args.caption_column])
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = prior.cached_dataset(ds, args, c, run)
+
+    # ---- the frozen prior (loaded once the encoders are released, see load_trained); LoRA layers train
+    prior.load_trained(c, precision)
+    precision.cast_frozen(c.prior)
+    trainable = lora.add_lora(c.prior, args.lora_rank)  # fp32 whatever the base precision
+    c.prior.train()
+    if args.gradient_checkpointing:
+        models.enable_prior_gradient_checkpointing(c.prior)
     # the next batch is built, encoded and noised in a second thread while this one trains (prefetch.py)
     sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed,
                                         prepare=prior.batch_inputs(c, precision), read_ahead=True)

@@ -22,7 +22,8 @@ PRIOR_PARTS = ("prior_prior", "prior_text_encoder", "prior_tokenizer", "prior_sc
 def load_components(args, precision):
     """The decoder's components in a namespace. MoVQ and the CLIP image encoder are frozen (in half precision under
     --mixed_precision); `c.loaders` can load them again once `cached_dataset` has released them. The rest of the
-    prior, which only validation uses, is loaded when validation first needs it."""
+    prior, which only validation uses, is loaded (frozen too) for each validation. The UNet itself is loaded by
+    `load_trained`, once the data is ready."""
     from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                                           CLIPVisionModelWithProjection)
@@ -40,17 +41,25 @@ def load_components(args, precision):
         loaders={"image_encoder": lambda: models.frozen(load_prior(CLIPVisionModelWithProjection, "image_encoder"),
                                                         precision),
                  "movq": lambda: models.frozen(load(VQModel, "movq"), precision),
-                 "prior_prior": lambda: load_prior(PriorTransformer, "prior"),
-                 "prior_text_encoder": lambda: load_prior(CLIPTextModelWithProjection, "text_encoder"),
+                 "prior_prior": lambda: models.frozen(load_prior(PriorTransformer, "prior"), precision),
+                 "prior_text_encoder": lambda: models.frozen(load_prior(CLIPTextModelWithProjection, "text_encoder"),
+                                                             precision),
+                 "unet": lambda: load(UNet2DConditionModel, "unet"),
                  "prior_tokenizer": lambda: load_prior(CLIPTokenizer, "tokenizer"),
                  "prior_scheduler": lambda: load_prior(UnCLIPScheduler, "scheduler")},
         **dict.fromkeys(PRIOR_PARTS))
     c.image_encoder, c.movq = c.loaders["image_encoder"](), c.loaders["movq"]()
-    c.unet = load(UNet2DConditionModel, "unet")
     c.factor = models.movq_downscale_factor(c.movq)
     models.check_resolution(args.resolution, c.factor, "training images")
-    models.skip_fp32_upcasts(precision, c.unet)
     return c
+
+
+def load_trained(c, precision):
+    """The UNet to train, into `c.unet`: loaded after `cached_dataset` has released the encoders, so with
+    --cache_encoder_outputs the two never share memory (the run peaks at the larger of encoding and training)."""
+    c.unet = c.loaders.pop("unet")()
+    models.skip_fp32_upcasts(precision, c.unet)
+    return c.unet
 
 
 def encode(c, precision, pixel_values, clip_pixel_values):
@@ -169,10 +178,11 @@ def save_pipeline(args, c, folder):
 @contextlib.contextmanager
 def combined_pipeline(args, c):
     """A KandinskyV22CombinedPipeline around the live UNet, with the models it needs beyond training's loaded for
-    it: kept for the next validation, or, with --cache_encoder_outputs, released after (training does not use them)."""
+    it and released after (the prior's always; the encoders with --cache_encoder_outputs, which trains without
+    them), as the references free their validation pipeline."""
     from ppdiffusers import KandinskyV22CombinedPipeline
 
-    with models.loaded(c, ENCODERS + PRIOR_PARTS, keep=not args.cache_encoder_outputs):
+    with models.loaded(c, ENCODERS, keep=not args.cache_encoder_outputs), models.loaded(c, PRIOR_PARTS, keep=False):
         yield KandinskyV22CombinedPipeline(unet=c.unet, scheduler=c.noise_scheduler, movq=c.movq,
                                            prior_image_encoder=c.image_encoder, prior_image_processor=c.image_processor,
                                            **{name: getattr(c, name) for name in PRIOR_PARTS})

@@ -71,51 +71,65 @@ def lora_parameters(model, rank):
 
 
 # ---------------------------------------------------------------- activations (elements per sample)
+# Measured against these estimates: benchmarks/activations.py (README 11.4), the per-layer factors below from the
+# allocator's counts of what each kind of layer keeps for its backward pass (fp32, in tensors of its width).
 def prior_activations(prior, checkpointing):
     """Per transformer block: LayerNorm inputs, q, k, v, attention output and projection, the MLP's 4x hidden
-    before and after GELU (16 x tokens x width), plus the attention scores and probabilities."""
+    before and after GELU (16 x tokens x width), plus the attention probabilities. The blocks run at heads x head
+    dim (2048 for the real prior), wider than the embeddings (1280) they take in and give out."""
     config = prior.config
     tokens = config["num_embeddings"] + config["additional_embeddings"]
-    width, heads = config["embedding_dim"], config["num_attention_heads"]
+    heads = config["num_attention_heads"]
+    width = heads * config["attention_head_dim"]
     per_block = 16 * tokens * width + 2 * heads * tokens * tokens
-    if checkpointing:  # each block's input kept, one block's activations recomputed at a time
-        return config["num_layers"] * tokens * width + per_block
-    return config["num_layers"] * per_block
+    if checkpointing:  # each block's input kept, one block's activations recomputed at a time; its backward pass
+        # frees them as it goes: the peak holds about 85% of them (measured: 79-95%)
+        return config["num_layers"] * tokens * width + int(0.85 * per_block)
+    # around the blocks: the projected inputs, the token sequence, the output's norm and projection (measured: ~5)
+    return config["num_layers"] * per_block + 5 * tokens * width
 
 
 def unet_activations(unet, side, checkpointing):
-    """The Kandinsky UNet at latent side `side`: per resnet about 8 tensors of its width (norms, activations, convs;
-    11 in the up path, whose input is the concatenated skip), per attention layer q, k, v, output and projection
-    (6) plus scores and probabilities over the pixels and the image tokens; the down, middle and up paths."""
+    """The Kandinsky UNet at latent side `side`, per layer (in tensors of its channels x pixels): a resnet keeps 7
+    (norms, activations, convolutions, its output), 11 in the up path (its input is the skip concatenated to the
+    path, 2x wide); an attention layer 6, plus the attention probabilities over the pixels and the image tokens; a
+    downsampling resnet 4, an upsampling one 26 (it works at 4x the pixels). Gradient checkpointing in ppdiffusers
+    0.29 recomputes only the resnets of the down and up blocks: their input and output stay, one resnet comes back
+    at a time (its forward pass peaks at 16 tensors, 23 with the skip); attention, the down/up samplers and the
+    middle block keep theirs."""
     config = unet.config
     channels, layers = config["block_out_channels"], config["layers_per_block"]
     head_dim = config["attention_head_dim"]
-    context = 10  # image-embedding tokens from encoder_hid_proj (ImageProjection)
-    units = []  # (elements kept, elements of the unit's input), one per resnet / attention layer
+    # the image embedding becomes this many context tokens (ImageProjection; its default when not built)
+    context = getattr(getattr(unet, "encoder_hid_proj", None), "num_image_text_embeds", 32)
+
+    def attention(c, hw):
+        return 6 * c * hw + (c // head_dim) * hw * (hw + context)
+
+    units = []  # (elements kept, elements kept when recomputed (None: never recomputed), peak when recomputed)
     for level, kind in enumerate(config["down_block_types"]):
         c, hw = channels[level], (side >> level) ** 2
-        attention = "CrossAttn" in kind
         for _ in range(layers):
-            units.append((8 * c * hw, c * hw))
-            if attention:
-                units.append((6 * c * hw + 2 * (c // head_dim) * hw * (hw + context), c * hw))
+            units.append((7 * c * hw, c * hw, 16 * c * hw))
+            if "CrossAttn" in kind:
+                units.append((attention(c, hw), None, 0))
         if level < len(channels) - 1:
-            units.append((8 * c * hw // 2, c * hw))  # the downsampling resnet
+            units.append((4 * c * hw, None, 0))  # the downsampling resnet
     mid_c, mid_hw = channels[-1], (side >> (len(channels) - 1)) ** 2
-    middle = 2 * 8 * mid_c * mid_hw + 6 * mid_c * mid_hw + 2 * (mid_c // head_dim) * mid_hw * (mid_hw + context)
+    units.append((2 * 7 * mid_c * mid_hw + attention(mid_c, mid_hw), None, 0))  # never recomputed
     for j, kind in enumerate(config["up_block_types"]):
         level = len(channels) - 1 - j
         c, hw = channels[level], (side >> level) ** 2
         for _ in range(layers + 1):
-            units.append((11 * c * hw, 2 * c * hw))
+            units.append((11 * c * hw, 3 * c * hw, 23 * c * hw))  # recomputed: the concatenated input, the output
             if "CrossAttn" in kind:
-                units.append((6 * c * hw + 2 * (c // head_dim) * hw * (hw + context), c * hw))
+                units.append((attention(c, hw), None, 0))
         if level > 0:
-            units.append((8 * c * hw * 2, c * hw))  # the upsampling resnet
-    ends = 2 * channels[0] * side * side  # conv_in and the output convolution
-    if checkpointing:  # ppdiffusers recomputes each resnet and attention layer of the down and up blocks
-        return sum(i for _, i in units) + max(k for k, _ in units) + middle + ends
-    return sum(k for k, _ in units) + middle + ends
+            units.append((26 * c * hw, None, 0))  # the upsampling resnet, at this level's pixels
+    ends = 4 * channels[0] * side * side  # conv_in, the output's norm, activation and convolution
+    if not checkpointing:
+        return sum(k for k, _, _ in units) + ends
+    return sum(k if r is None else r for k, r, _ in units) + max(p - r for _, r, p in units if r is not None) + ends
 
 
 def encoding_activations(models, encoders):
@@ -139,7 +153,7 @@ def build(args, kind, lora, device=None, processes=1):
     from ppdiffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    from .models import lazy_model
+    from . import models as loading
     from .validation import prompts
 
     prior_repo, decoder_repo = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
@@ -150,7 +164,13 @@ def build(args, kind, lora, device=None, processes=1):
     trained_model = "prior" if kind == "prior" else "unet"
     encoders = ["image_encoder", "text_encoder"] if kind == "prior" else ["image_encoder", "movq"]
     validation_models = (["unet", "movq"] if kind == "prior" else ["prior", "text_encoder"]) if prompts(args) else []
-    models = {name: lazy_model(*sources[name], args.cache_dir)
+    flags = {prior_repo: loading.PRIOR_FLAG, decoder_repo: loading.DECODER_FLAG}
+    for repo in {sources[name][1] for name in [trained_model, *encoders, *validation_models]}:  # (the models' only)
+        loading.check_repo(repo, loading.PRIOR_SUBFOLDERS if repo == prior_repo else loading.DECODER_SUBFOLDERS,
+                           flags[repo], needed=[sources[n][2] for n in [trained_model, *encoders, *validation_models]
+                                                if sources[n][1] == repo])
+    # a config that cannot be read is a model that cannot be loaded: the error loading would give, now
+    models = {name: loading.lazy_model(*sources[name], args.cache_dir, flag=flags[sources[name][1]])
               for name in [trained_model, *encoders, *validation_models]}
     counts = {name: parameters(model) for name, model in models.items()}
 
@@ -159,6 +179,9 @@ def build(args, kind, lora, device=None, processes=1):
     frozen_bytes = 2 if half else 4
     act_bytes = 2 if half else 4
     batch, cached = args.train_batch_size, args.cache_encoder_outputs
+    # the decoder trains without its cache on non-square images with --random_crop (decoder.cached_dataset), which
+    # the plan cannot see: it keeps the encoders then, as the run will
+    uncacheable = cached and kind == "decoder" and getattr(args, "random_crop", False)
 
     if kind == "prior":
         activations = prior_activations(models["prior"], args.gradient_checkpointing)
@@ -201,33 +224,38 @@ def build(args, kind, lora, device=None, processes=1):
     if getattr(args, "use_ema", False):
         optimizer.append(("EMA", 4 * trained, "a copy of the trained weights"))
     encoder_bytes = frozen_bytes * sum(counts[n] for n in encoders)
-    frozen = ("frozen encoders", 0 if cached else encoder_bytes,
-              ("released after encoding (--cache_encoder_outputs); " if cached else "") + " + ".join(encoders))
+    released = cached and not uncacheable
+    frozen = ("frozen encoders", 0 if released else encoder_bytes,
+              ("released after encoding (--cache_encoder_outputs); " if released else
+               "kept: non-square images are not cached with --random_crop; " if uncacheable else "")
+              + " + ".join(encoders))
     runtime = ("runtime", RUNTIME["gpu" if gpu else "cpu"], "CUDA context" if gpu else "the Python process")
     grads = share("gradients", 4 * trained, "fp32, freed between steps")
     acts = ("activations", activations, f"estimate, batch {batch}" +
             (", gradient checkpointing" if args.gradient_checkpointing else ""))
-    # the prior scripts encode the next batch while the step runs (prefetch.py)
-    ahead = kind == "prior" and not cached
+    # the prior scripts encode the next batch while the step runs (prefetch.py), unless worker processes load it
+    ahead = kind == "prior" and not cached and not getattr(args, "dataloader_num_workers", 0)
     reading_ahead = ("next batch's encoding", batch * act_bytes * encoding_activations(models, encoders) if ahead else 0,
-                     "estimate, encoded while the step runs" if ahead else "encoded before the step, not during it")
+                     "estimate, encoded while the step runs" if ahead else
+                     "none: cached" if cached and not uncacheable else "encoded before the step, not during it")
 
     plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
                 + (f", {args.resolution} px" if kind == "decoder" else "")
                 + (f", one of {processes} processes" if processes > 1 else "")
                 + (f", --sharding {stage}" if stage else ""))
-    if cached:
-        plan.phases["encoding"] = weights + [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
+    if cached:  # the scripts load the trained model once the encoders are released
+        plan.phases["encoding"] = [("frozen encoders", encoder_bytes, " + ".join(encoders)), runtime]
     plan.phases["training"] = weights + [grads] + optimizer + [frozen, acts, reading_ahead, runtime]
-    # a checkpoint: gradients freed, the trained weights copied to host arrays while they are written
-    plan.phases["checkpoint"] = checkpoint_weights + optimizer + [frozen, runtime, ("weights being written",
-                                                                                    4 * trained, "")]
+    # a checkpoint: gradients freed, the weights written a tensor at a time (from a GPU through host memory)
+    largest = 0 if gpu or lora else 4 * max(p.size for p in models[trained_model].parameters())  # (LoRA's: small)
+    plan.phases["checkpoint"] = checkpoint_weights + optimizer + [frozen, runtime, (
+        "tensor being written", largest, "in host memory, a tensor at a time" if gpu else "the largest")]
     if stage and processes > 1 and not gpu:  # rank 0 receives every other rank's shard before it writes (sharding.py)
         whole = ADAMW_STATES * 4 * trained
         plan.phases["checkpoint"].append(("other ranks' optimizer states", whole - optimizer[0][1],
                                           "rank 0 holds them while it writes the checkpoint"))
     if validation_models:
-        extra = validation_models + (encoders if cached else [])
+        extra = validation_models + (encoders if released else [])
         plan.phases["validation"] = weights + optimizer + [frozen, runtime, (
             "validation models", frozen_bytes * sum(counts[n] for n in extra), " + ".join(extra))]
     return plan
@@ -235,10 +263,15 @@ def build(args, kind, lora, device=None, processes=1):
 
 def report(args, kind, lora, log, device=None, processes=1):
     """Log the plan before any weights load; on a GPU, compare it with the device's memory and name the flags that
-    would make it fit. A plan that cannot be computed, or a memory size that cannot be read, is one line."""
+    would make it fit. A plan that cannot be computed, or a memory size that cannot be read, is one line. A repo or
+    config that cannot be read is the run's error (UsageError): loading would fail on it right after."""
+    from .params import UsageError
+
     try:
         plan = build(args, kind, lora, device, processes)
-    except Exception as e:  # an unknown model class, a missing config: the run goes on without a plan
+    except UsageError:
+        raise
+    except Exception as e:  # e.g. a model class the plan does not know: the run goes on without a plan
         log.warn(f"no memory plan: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         return None
     for line in plan.lines():
@@ -269,6 +302,7 @@ def fitting_flags(args, kind, lora, capacity, processes=1):
                ("--mixed_precision fp16", "mixed_precision", "fp16"),
                ("--train_batch_size 1", "train_batch_size", 1)]
     trial, chosen = copy.copy(args), {}  # {setting: flag}; a later stage replaces an earlier one in place
+    peak = build(trial, kind, lora, processes=processes).peak  # (if every flag is set already, this is the answer)
     for flag, name, value in options:
         current = getattr(trial, name, None)
         if current == value or name == "sharding" and current and list(SHARDED).index(current) > list(
@@ -280,5 +314,6 @@ def fitting_flags(args, kind, lora, capacity, processes=1):
         if peak <= capacity:
             return f"it would fit with {' '.join(chosen.values())} ({peak / GB:.1f} GB)"
     script = f"train_text_to_image_{kind}_lora.py" if not lora else None
-    return (f"even {' '.join(chosen.values())} needs {peak / GB:.1f} GB" +
+    return ((f"even {' '.join(chosen.values())} needs {peak / GB:.1f} GB" if chosen else
+             f"every memory-saving flag is already set ({peak / GB:.1f} GB)") +
             (f"; try LoRA ({script})" if script else "; try a GPU with more memory"))

@@ -15,11 +15,12 @@ DECODER_SUBFOLDERS = ("unet", "movq", "scheduler")
 PRIOR_FLAG, DECODER_FLAG = "--pretrained_prior_model_name_or_path", "--pretrained_decoder_model_name_or_path"
 
 
-def check_repo(path, subfolders, flag):
-    """A local folder must have the repo's subfolders; anything else is treated as a hub id."""
+def check_repo(path, subfolders, flag, needed=None):
+    """A local folder must have the repo's subfolders (of them, `needed` at least: the memory plan's models);
+    anything else is treated as a hub id."""
     if os.path.isdir(path):
         missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
-        if missing:
+        if missing and set(missing) & set(needed or subfolders):
             raise UsageError(f"{flag} {path} is not a Kandinsky 2.2 repo: missing subfolder(s) {', '.join(missing)} "
                              f"(expected {', '.join(subfolders)})")
     elif os.path.exists(path) or path.startswith((".", "/", "~")):
@@ -34,8 +35,13 @@ def load(cls, repo, subfolder, flag, cache_dir=None):
             return _load_model(cls, repo, subfolder, cache_dir)
         return cls.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir)
     except Exception as e:  # hub, file and config errors all end the run the same way
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"cannot load {subfolder} of {flag} {repo}: {type(e).__name__}: {reason}") from None
+        raise cannot_load(e, subfolder, flag, repo) from None
+
+
+def cannot_load(error, subfolder, flag, repo):
+    """The one-line error of a component that cannot be loaded."""
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return UsageError(f"cannot load {subfolder} of {flag} {repo}: {type(error).__name__}: {reason}")
 
 
 def _load_model(cls, repo, subfolder, cache_dir):
@@ -67,16 +73,19 @@ def _load_model(cls, repo, subfolder, cache_dir):
     return model
 
 
-def lazy_model(cls, repo, subfolder=None, cache_dir=None):
-    """`cls` built from its config in `repo`/`subfolder`, without memory or initial values (see `lazy_init`)."""
+def lazy_model(cls, repo, subfolder=None, cache_dir=None, flag=None):
+    """`cls` built from its config in `repo`/`subfolder`, without memory or initial values (see `lazy_init`). With
+    `flag`, a config that cannot be read is the error loading the model would give."""
     where = {"subfolder": subfolder, "cache_dir": cache_dir} if subfolder else {"cache_dir": cache_dir}
-    if hasattr(cls, "load_config"):  # ppdiffusers models
-        config = cls.load_config(repo, **where)
-        with lazy_init():
-            return cls.from_config(config)
-    config = cls.config_class.from_pretrained(repo, **where)  # paddlenlp-style models (CLIP)
+    try:
+        config = (cls.load_config(repo, **where) if hasattr(cls, "load_config")  # ppdiffusers models
+                  else cls.config_class.from_pretrained(repo, **where))  # paddlenlp-style models (CLIP)
+    except Exception as e:
+        if flag is None:
+            raise
+        raise cannot_load(e, subfolder, flag, repo) from None
     with lazy_init():
-        return cls(config)
+        return cls.from_config(config) if hasattr(cls, "load_config") else cls(config)
 
 
 def lazy_init():
@@ -150,8 +159,7 @@ def config_of(cls, repo, subfolder, flag, cache_dir=None):
             return dict(cls.load_config(repo, subfolder=subfolder, cache_dir=cache_dir))
         return cls.config_class.from_pretrained(repo, subfolder=subfolder, cache_dir=cache_dir).to_dict()
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"cannot load {subfolder} of {flag} {repo}: {type(e).__name__}: {reason}") from None
+        raise cannot_load(e, subfolder, flag, repo) from None
 
 
 def movq_downscale_factor_of_repo(repo, flag, cache_dir=None):

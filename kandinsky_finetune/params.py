@@ -122,6 +122,7 @@ def build_parser(description, lora=False):
       help="Save a checkpoint-<N> folder (weights and training state) every N optimizer steps.")
     a("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoint folders.")
     a("--print_memory_plan", nargs="?", const="here", choices=["here", "gpu", "cpu"], default=None,
+      metavar="gpu|cpu",
       help="Print the per-device memory plan (weights, gradients, optimizer states, EMA, frozen models, activations; "
            "from the model configs: no weights loaded, no dataset needed) for this machine's device, or for a GPU "
            "or a CPU (`--print_memory_plan gpu` sizes a GPU from a laptop), and exit. Every run logs it first.")

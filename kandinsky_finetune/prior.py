@@ -23,7 +23,8 @@ DECODER_PARTS = ("decoder_unet", "decoder_movq", "decoder_scheduler")
 def load_components(args, precision, needs_decoder):
     """The prior's components in a namespace. The CLIP encoders are frozen (in half precision under
     --mixed_precision); `c.loaders` can load them again once `cached_dataset` has released them. The decoder's
-    models, which only turn validation embeddings into images, are loaded when validation first needs them."""
+    models, which only turn validation embeddings into images, are loaded (frozen too) for each validation. The
+    prior itself is loaded by `load_trained`, once the data is ready."""
     from ppdiffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, VQModel
     from ppdiffusers.transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                                           CLIPVisionModelWithProjection)
@@ -47,17 +48,24 @@ def load_components(args, precision, needs_decoder):
         tokenizer=load(CLIPTokenizer, "tokenizer"),
         loaders={"image_encoder": lambda: models.frozen(load(CLIPVisionModelWithProjection, "image_encoder"), precision),
                  "text_encoder": lambda: models.frozen(load(CLIPTextModelWithProjection, "text_encoder"), precision),
-                 "decoder_unet": lambda: load_decoder(UNet2DConditionModel, "unet"),
-                 "decoder_movq": lambda: load_decoder(VQModel, "movq"),
+                 "decoder_unet": lambda: models.frozen(load_decoder(UNet2DConditionModel, "unet"), precision),
+                 "decoder_movq": lambda: models.frozen(load_decoder(VQModel, "movq"), precision),
+                 "prior": lambda: load(PriorTransformer, "prior"),
                  "decoder_scheduler": lambda: load_decoder(DDPMScheduler, "scheduler")},
         **dict.fromkeys(DECODER_PARTS))
     c.image_encoder, c.text_encoder = c.loaders["image_encoder"](), c.loaders["text_encoder"]()
-    c.prior = load(PriorTransformer, "prior")
+    return c
+
+
+def load_trained(c, precision):
+    """The prior to train, into `c.prior`: loaded after `cached_dataset` has released the encoders, so with
+    --cache_encoder_outputs the two never share memory (the run peaks at the larger of encoding and training)."""
+    c.prior = c.loaders.pop("prior")()
     # clip_mean / clip_std are the fixed statistics of the CLIP image embeddings, not weights to learn
     c.prior.clip_mean.stop_gradient = c.prior.clip_std.stop_gradient = True
     c.clip_mean, c.clip_std = c.prior.clip_mean.detach(), c.prior.clip_std.detach()
     models.skip_fp32_upcasts(precision, c.prior)
-    return c
+    return c.prior
 
 
 def tokenize(c, captions):
@@ -191,9 +199,10 @@ def save_pipeline(args, c, folder):
 @contextlib.contextmanager
 def combined_pipeline(args, c):
     """A KandinskyV22CombinedPipeline around the live prior, with the models it needs beyond training's loaded for
-    it: kept for the next validation, or, with --cache_encoder_outputs, released after (training does not use them)."""
+    it and released after (the decoder's always; the encoders with --cache_encoder_outputs, which trains without
+    them), as the references free their validation pipeline."""
     from ppdiffusers import KandinskyV22CombinedPipeline
 
-    with models.loaded(c, ENCODERS + DECODER_PARTS, keep=not args.cache_encoder_outputs):
+    with models.loaded(c, ENCODERS, keep=not args.cache_encoder_outputs), models.loaded(c, DECODER_PARTS, keep=False):
         yield KandinskyV22CombinedPipeline(unet=c.decoder_unet, movq=c.decoder_movq, scheduler=c.decoder_scheduler,
                                            **{"prior_" + k: v for k, v in prior_pipeline(c).components.items()})

@@ -60,3 +60,15 @@ def test_bare_step_prints_the_bare_step_beside_the_script(tmp_path):
     assert bare and script and ratio, proc.stdout
     assert float(bare[1]) > 0 and float(script[1]) > 0
     assert float(ratio[1]) == pytest.approx(float(script[1]) / float(bare[1]), abs=0.01)
+
+
+def test_activation_benchmark_measures_and_plans_each_configuration(tmp_path):
+    """benchmarks/activations.py's code path on the tiny models: each configuration measured in its own process and
+    printed beside the plan's estimate."""
+    proc = run([sys.executable, str(ROOT / "benchmarks" / "activations.py"), "--size", "tiny",
+                "--configs", "prior-b4", "unet-b1-256-ckpt"])
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| prior-b4 ", "| unet-b1-256-ckpt "))]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        measured, plan, ratio = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert float(measured.split()[0]) > 0 and float(plan.split()[0]) > 0 and float(ratio) > 0

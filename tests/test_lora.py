@@ -201,8 +201,10 @@ def test_validation_after_epoch_0_every_10_epochs_and_at_the_end(run_name, reque
         assert sorted(os.listdir(out / "validation" / folder)) == ["0.png", "grid.png"]  # --num_validation_images 1
         with Image.open(out / "validation" / folder / "0.png") as image:
             assert image.format == "PNG" and image.size == (64, 64)  # --resolution
-    # the frozen components a validation needs beyond training (the other model's) are loaded on the first one
-    # and reused: no validation loads anything again
+    # the frozen components a validation needs beyond training (the other model's) are loaded for each validation
+    # and released after it, as the references free their validation pipeline: each one loads the same again
     assert len(spy.loads_at_validation) == 3
-    assert spy.loads_at_validation[0] > spy.loads_before_training > 0
-    assert spy.loads_at_validation == [spy.loads_at_validation[0]] * 3 and spy.loads == spy.loads_at_validation[0]
+    per_validation = spy.loads_at_validation[0] - spy.loads_before_training
+    assert per_validation > 0 and spy.loads_before_training > 0
+    assert spy.loads_at_validation == [spy.loads_at_validation[0] + k * per_validation for k in range(3)]
+    assert spy.loads == spy.loads_at_validation[-1]

@@ -95,24 +95,34 @@ def test_print_memory_plan_needs_no_dataset_and_loads_no_weights(tiny, tmp_path)
     assert not out.exists()
 
 
-def test_a_plan_that_cannot_be_computed_is_one_warning_line(tiny, tmp_path):
-    """A repo whose image_encoder has no config: the plan says so in one warning and the run goes on (to fail on
-    loading that encoder, with its own one-line error)."""
+def test_a_model_that_cannot_be_found_is_one_error_line_and_no_plan_warning(tiny, tmp_path):
+    """A repo whose image_encoder has no config, or a local path that does not exist: the run's one error line, the
+    one loading would give, before anything else (not a plan warning first); the same with --print_memory_plan."""
     import shutil
 
     repo = tmp_path / "prior"
     shutil.copytree(tiny.prior, repo)
     os.remove(repo / "image_encoder" / "config.json")
-    proc = run_script("train_text_to_image_prior.py", *model_args(tiny, tmp_path / "out", "--max_train_steps", 1),
-                      "--pretrained_prior_model_name_or_path", repo, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert any(line.startswith("warning: no memory plan: ") for line in lines), lines
-    assert "Traceback" not in proc.stderr
-    # asked for the plan alone, that is an error
-    proc = run_script("train_text_to_image_prior.py", "--pretrained_prior_model_name_or_path", repo,
-                      "--print_memory_plan", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "error: --print_memory_plan: the plan cannot be computed (see the warning above)")
+    for bad, expected in [(repo, f"error: cannot load image_encoder of --pretrained_prior_model_name_or_path {repo}: "),
+                          (tmp_path / "missing", f"error: --pretrained_prior_model_name_or_path {tmp_path / 'missing'}:"
+                                                 " no such folder")]:
+        for extra in [("--max_train_steps", 1), ("--print_memory_plan",)]:
+            proc = run_script("train_text_to_image_prior.py", *model_args(tiny, tmp_path / "out", *extra),
+                              "--pretrained_prior_model_name_or_path", bad, check=False)
+            assert proc.returncode == 2 and proc.stderr.strip().splitlines()[0].startswith(expected), proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_plan_that_cannot_be_computed_is_one_warning_line(tiny, monkeypatch):
+    """Anything else the plan cannot handle is one warning, and the run goes on without a plan."""
+    from kandinsky_finetune.tracking import Log
+
+    warnings = []
+    log = Log(True)
+    monkeypatch.setattr(log, "warn", warnings.append)
+    monkeypatch.setattr(memory_plan, "parameters", lambda model: 1 / 0)
+    assert memory_plan.report(plan_args(tiny), "prior", False, log) is None
+    assert warnings == ["no memory plan: ZeroDivisionError: division by zero"]
 
 
 def test_models_load_without_a_second_copy_and_equal_from_pretrained(tiny, monkeypatch):
@@ -192,3 +202,154 @@ def test_on_a_gpu_too_small_one_warning_names_the_flags_that_fit(tiny, monkeypat
     warnings.clear()
     memory_plan.report(args, "prior", False, log)
     assert warnings == ["cannot read the GPU's memory size (RuntimeError); the plan is not compared with it"]
+
+
+def decoder_plan_args(tiny, *extra, lora=False):
+    parser = params.build_parser("test", lora=lora)
+    params.add_decoder_args(parser)
+    return params.parse(parser, model_args(tiny, "unused", *extra))
+
+
+def items(plan, phase="training"):
+    return {label: size for label, size, _ in plan.phases[phase]}
+
+
+def test_the_advice_when_every_memory_saving_flag_is_already_set(tiny):
+    args = plan_args(tiny, "--cache_encoder_outputs", "--gradient_checkpointing", "--mixed_precision", "fp16",
+                     "--train_batch_size", 1)
+    needed = memory_plan.build(args, "prior", False).peak
+    assert memory_plan.fitting_flags(args, "prior", False, capacity=0) == (
+        f"every memory-saving flag is already set ({needed / memory_plan.GB:.1f} GB); "
+        "try LoRA (train_text_to_image_prior_lora.py)")
+
+
+def test_prior_activations_scale_with_the_transformers_width_not_the_embeddings():
+    """The real prior's blocks run at 32 heads x 64 = 2048, not at its 1280-dim embeddings."""
+    from ppdiffusers import PriorTransformer
+
+    def activations(**config):
+        with models.lazy_init():
+            prior = PriorTransformer(num_layers=2, num_embeddings=77, additional_embeddings=4, **config)
+        return memory_plan.prior_activations(prior, checkpointing=False)
+
+    real = activations(num_attention_heads=32, attention_head_dim=64, embedding_dim=1280)
+    assert real == activations(num_attention_heads=32, attention_head_dim=64, embedding_dim=640)
+    assert real > 1.4 * activations(num_attention_heads=32, attention_head_dim=40, embedding_dim=1280)
+    assert real >= 2 * 16 * 81 * 2048  # two blocks of 16 tensors of tokens x width
+
+
+def test_unet_checkpointing_keeps_the_attention_layers_and_the_image_tokens_count():
+    """ppdiffusers 0.29 recomputes only the resnets of the Kandinsky UNet's blocks: with --gradient_checkpointing
+    the attention probabilities over the pixels and the 32 image tokens (ImageProjection) of every attention layer
+    stay in the plan (the real UNet at 512 px)."""
+    with models.lazy_init():
+        unet = tiny_models.build_model(tiny_models.REAL_SPEC, "unet")
+    assert unet.encoder_hid_proj.num_image_text_embeds == 32
+    side, head_dim = 64, unet.config["attention_head_dim"]
+    probabilities, per_token = 0, 0
+    for level, c in enumerate(unet.config["block_out_channels"]):
+        hw = (side >> level) ** 2
+        attention_layers = {0: 0, 1: 7, 2: 7, 3: 8}[level]  # 3 down + 4 up; the middle block's at the last level
+        probabilities += attention_layers * (c // head_dim) * hw * (hw + 32)
+        per_token += attention_layers * (c // head_dim) * hw
+    planned = memory_plan.unet_activations(unet, side, checkpointing=True)
+    assert planned > probabilities
+    unet.encoder_hid_proj.num_image_text_embeds = 10  # the config decides
+    assert planned - memory_plan.unet_activations(unet, side, checkpointing=True) == 22 * per_token
+
+
+def test_on_a_gpu_the_checkpoint_phase_writes_through_host_memory(tiny):
+    """A checkpoint copies the weights to host memory a tensor at a time: on a GPU no second copy of them is
+    planned (the checkpoint phase is the training state without gradients and activations); on a CPU one tensor."""
+    for processes, extra in [(1, ()), (2, ("--sharding", "stage2"))]:
+        plan = memory_plan.build(plan_args(tiny, *extra), "prior", False, device="gpu", processes=processes)
+        training, checkpoint = items(plan), items(plan, "checkpoint")
+        assert checkpoint["tensor being written"] == 0
+        assert plan.total("checkpoint") == plan.total("training") - training["gradients"] - training["activations"] \
+            - training["next batch's encoding"]
+    on_cpu = items(memory_plan.build(plan_args(tiny), "prior", False, device="cpu"), "checkpoint")
+    largest = max(p.size for p in models.lazy_model(
+        __import__("ppdiffusers").PriorTransformer, tiny.prior, "prior").parameters())
+    assert on_cpu["tensor being written"] == 4 * largest
+
+
+def test_plan_keeps_the_decoders_encoders_with_random_crop_and_reads_no_batch_ahead_with_workers(tiny):
+    """--random_crop of non-square images trains the decoder without its cache (decoder.cached_dataset): the plan
+    keeps the encoders then. With --dataloader_num_workers the prior scripts do not encode the next batch during
+    the step (data.Loader reads ahead only without workers)."""
+    cached = items(memory_plan.build(decoder_plan_args(tiny, "--cache_encoder_outputs"), "decoder", False))
+    cropped = items(memory_plan.build(decoder_plan_args(tiny, "--cache_encoder_outputs", "--random_crop"),
+                                      "decoder", False))
+    uncached = items(memory_plan.build(decoder_plan_args(tiny), "decoder", False))
+    assert cached["frozen encoders"] == 0 and cropped["frozen encoders"] == uncached["frozen encoders"] > 0
+    assert items(memory_plan.build(plan_args(tiny), "prior", False))["next batch's encoding"] > 0
+    assert items(memory_plan.build(plan_args(tiny, "--dataloader_num_workers", 1), "prior", False))[
+        "next batch's encoding"] == 0
+
+
+def test_cached_runs_load_the_trained_model_after_the_encoders_are_released(tiny, tmp_path, monkeypatch):
+    """--cache_encoder_outputs: the encoders run and leave memory before the prior / UNet loads (so the run peaks at
+    the larger of the two phases, not at their sum), and the plan's encoding phase holds the encoders alone."""
+    import train_text_to_image_decoder as decoder_script
+    import train_text_to_image_prior_lora as prior_lora
+    from kandinsky_finetune import decoder, prior
+
+    for script, task, trained, extra in [(prior_lora, prior, "prior", []),
+                                         (decoder_script, decoder, "unet", ["--center_crop"])]:
+        seen, encode = [], task.encode
+
+        def spy(c, *a, **k):  # the encoders' forward pass, while the cache is written
+            seen.append(getattr(c, trained, None))
+            return encode(c, *a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(task, "encode", spy)
+            script.main(model_args(tiny, tmp_path / script.__name__, "--max_train_steps", 1, "--cache_encoder_outputs",
+                                   *extra))
+        assert seen and all(model is None for model in seen), seen
+    for kind, lora, make in [("prior", True, plan_args), ("decoder", False, decoder_plan_args)]:
+        plan = memory_plan.build(make(tiny, "--cache_encoder_outputs", lora=lora), kind, lora)
+        assert set(items(plan, "encoding")) == {"frozen encoders", "runtime"}
+
+
+def test_validation_loads_its_models_frozen_and_releases_them_after_each_validation(tiny, tmp_path, monkeypatch):
+    """Without --cache_encoder_outputs too: the models only validation uses (the decoder's UNet and MoVQ for the
+    prior, the prior and its text encoder for the decoder) are loaded as frozen models for each validation and are
+    not in memory while training steps run."""
+    import train_text_to_image_decoder_lora as decoder_lora
+    import train_text_to_image_prior as prior_script
+    from kandinsky_finetune import decoder, prior, validation
+
+    for script, task, names in [(prior_script, prior, ("decoder_unet", "decoder_movq")),
+                                (decoder_lora, decoder, ("prior_prior", "prior_text_encoder"))]:
+        at_steps, at_validation = [], []
+        loss, run = task.loss, validation.run
+
+        def spy_loss(c, *a, **k):
+            at_steps.append([getattr(c, n) is not None for n in names])
+            spy_loss.c = c
+            return loss(c, *a, **k)
+
+        def spy_validation(pipe, *a, **k):
+            for name in names:
+                model = getattr(spy_loss.c, name)
+                at_validation.append(not model.training and all(p.stop_gradient for p in model.parameters()))
+            run(pipe, *a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(task, "loss", spy_loss)
+            m.setattr(validation, "run", spy_validation)
+            extra = (["--validation_prompts", "a red picture"] if script is prior_script else
+                     ["--validation_prompt", "a red picture", "--num_validation_images", 1, "--center_crop"])
+            script.main(model_args(tiny, tmp_path / script.__name__, "--max_train_steps", 4, "--train_batch_size", 4,
+                                   "--validation_epochs", 1, *extra))
+        assert len(at_steps) == 4 and not any(any(step) for step in at_steps), at_steps
+        assert len(at_validation) >= 4 and all(at_validation)
+
+
+def test_print_memory_plan_usage_reads_as_the_readme_says():
+    usage = " ".join(params.build_parser("test").format_help().split())
+    assert "--print_memory_plan [gpu|cpu]" in usage
+    for readme in ("README.md", "README_EN.md"):
+        with open(os.path.join(os.path.dirname(__file__), "..", readme), encoding="utf-8") as f:
+            assert "| `--print_memory_plan [gpu\\|cpu]` |" in f.read()
