@@ -8,7 +8,9 @@ output_dir then loads with `KandinskyV22CombinedPipeline.from_pretrained(output_
 from kandinsky_finetune import cpu_threads
 
 cpu_threads.share_cores()  # before paddle is imported: its kernels' thread count is fixed then
-from kandinsky_finetune import checkpoint, data, decoder, optimization, params, training, validation  # noqa: E402
+from kandinsky_finetune import (  # noqa: E402
+    checkpoint, data, decoder, models, optimization, params, startup, training, validation)
+from kandinsky_finetune.ema import build_ema, ema_weights  # noqa: E402
 
 
 def build_parser():
@@ -23,7 +25,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args, "decoder", lora=False)
+    run = startup.start_run(args, "decoder", lora=False)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: MoVQ and the CLIP image encoder are frozen
@@ -39,7 +41,7 @@ def main(argv=None):
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    training.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
+    models.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
     # each batch is encoded and noised before the step; in this thread: its kernels already use every core
     sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
                                         prepare=decoder.batch_inputs(c, precision))
@@ -47,14 +49,14 @@ def main(argv=None):
     # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in unet.parameters() if not p.stop_gradient]
     optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
-    ema = training.build_ema(trainable, args.use_ema)
+    ema = build_ema(trainable, args.use_ema)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *checkpoint.full_model_weights(unet, "unet", ema, trainable),
                                            optimizer, lr_scheduler, precision, ema)
     loop = training.Loop(args, run, unet, trainable, optimizer, lr_scheduler, ema, sampler, loader,
                          checkpointer, len(ds))
 
     def validate(step):
-        with training.ema_weights(ema, trainable), decoder.combined_pipeline(args, c) as pipe:
+        with ema_weights(ema, trainable), decoder.combined_pipeline(args, c) as pipe:
             validation.run(pipe, [unet], args, run.seed, step, loop.tracker, log)
 
     def save(folder):

@@ -8,7 +8,8 @@ Load the result with `pipe.unet.load_attn_procs(output_dir)` on a KandinskyV22Co
 from kandinsky_finetune import cpu_threads
 
 cpu_threads.share_cores()  # before paddle is imported: its kernels' thread count is fixed then
-from kandinsky_finetune import checkpoint, data, decoder, lora, optimization, params, training, validation  # noqa: E402
+from kandinsky_finetune import (  # noqa: E402
+    checkpoint, data, decoder, lora, models, optimization, params, startup, training, validation)
 
 
 def build_parser():
@@ -23,7 +24,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args, "decoder", lora=True)
+    run = startup.start_run(args, "decoder", lora=True)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: everything frozen (in half precision under --mixed_precision)
@@ -41,7 +42,7 @@ def main(argv=None):
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    training.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
+    models.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
     # each batch is encoded and noised before the step; in this thread: its kernels already use every core
     sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
                                         prepare=decoder.batch_inputs(c, precision))

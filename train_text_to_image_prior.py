@@ -8,7 +8,9 @@ output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a Ka
 from kandinsky_finetune import cpu_threads
 
 cpu_threads.share_cores(compute_threads=2)  # the training thread, and the thread encoding the next batch
-from kandinsky_finetune import checkpoint, data, models, optimization, params, prior, training, validation  # noqa: E402
+from kandinsky_finetune import (  # noqa: E402
+    checkpoint, data, models, optimization, params, prior, startup, training, validation)
+from kandinsky_finetune.ema import build_ema, ema_weights  # noqa: E402
 
 
 def build_parser():
@@ -23,7 +25,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args, "prior", lora=False)
+    run = startup.start_run(args, "prior", lora=False)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: the CLIP encoders are frozen
@@ -46,14 +48,14 @@ def main(argv=None):
     # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in c.prior.parameters() if not p.stop_gradient]
     optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
-    ema = training.build_ema(trainable, args.use_ema)
+    ema = build_ema(trainable, args.use_ema)
     checkpointer = checkpoint.Checkpointer(args, run.seed, *checkpoint.full_model_weights(c.prior, "prior", ema, trainable),
                                            optimizer, lr_scheduler, precision, ema)
     loop = training.Loop(args, run, c.prior, trainable, optimizer, lr_scheduler, ema, sampler, loader,
                          checkpointer, len(ds))
 
     def validate(step):
-        with training.ema_weights(ema, trainable), prior.combined_pipeline(args, c) as pipe:
+        with ema_weights(ema, trainable), prior.combined_pipeline(args, c) as pipe:
             validation.run(pipe, [c.prior], args, run.seed, step, loop.tracker, log)
 
     def save(folder):

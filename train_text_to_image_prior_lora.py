@@ -8,7 +8,8 @@ Load the result with `pipe.prior_prior.load_attn_procs(output_dir)` on a Kandins
 from kandinsky_finetune import cpu_threads
 
 cpu_threads.share_cores(compute_threads=2)  # the training thread, and the thread encoding the next batch
-from kandinsky_finetune import checkpoint, data, lora, models, optimization, params, prior, training, validation  # noqa: E402
+from kandinsky_finetune import (  # noqa: E402
+    checkpoint, data, lora, models, optimization, params, prior, startup, training, validation)
 
 
 def build_parser():
@@ -23,7 +24,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = training.start_run(args, "prior", lora=True)
+    run = startup.start_run(args, "prior", lora=True)
     ctx, log, precision = run.ctx, run.log, run.precision
 
     # ---- components: everything frozen (in half precision under --mixed_precision)

@@ -24,13 +24,15 @@ def encoded_batches(prior_repo, decoder_repo, data, count):
     """(components, `count` prepared micro-batches of 2) as the script's loader makes them, encoders run now."""
     from types import SimpleNamespace
 
-    from kandinsky_finetune import data as data_lib, prior, tracking, training
+    from kandinsky_finetune import data as data_lib, prior, tracking
+    from kandinsky_finetune.precision import Precision
 
     args = script.parse_args(["--pretrained_prior_model_name_or_path", prior_repo, "--train_data_dir", data,
                               "--pretrained_decoder_model_name_or_path", decoder_repo, "--resolution", "64",
                               "--train_batch_size", "2", "--seed", "0", "--output_dir", os.devnull])
-    precision = training.Precision("no", tracking.Log(False))
+    precision = Precision("no", tracking.Log(False))
     c = prior.load_components(args, precision, needs_decoder=False)
+    prior.load_trained(c, precision)
     ds = data_lib.load_train_dataset(args, 0, [args.image_column, args.caption_column])
     ctx = SimpleNamespace(rank=0, world_size=1)
     _, loader = data_lib.build_loader(ds, prior.sample_maker(args, c), args, ctx, 0,

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import paddle
 
-from . import data, models, training
+from . import data, diffusion, models
+from .loader import as_tensor
 from .models import DECODER_FLAG, PRIOR_FLAG
 
 
@@ -65,8 +66,8 @@ def load_trained(c, precision):
 def encode(c, precision, pixel_values, clip_pixel_values):
     """The frozen encoders' outputs: (MoVQ latents, CLIP image_embeds), in float32."""
     with paddle.no_grad(), precision.autocast():
-        latents = c.movq.encode(training.as_tensor(pixel_values)).latents
-        image_embeds = c.image_encoder(training.as_tensor(clip_pixel_values)).image_embeds
+        latents = c.movq.encode(as_tensor(pixel_values)).latents
+        image_embeds = c.image_encoder(as_tensor(clip_pixel_values)).image_embeds
     return latents.cast("float32"), image_embeds.cast("float32")
 
 
@@ -111,7 +112,7 @@ def cached_dataset(ds, args, c, run):
 
 
 def sample_maker(args, c):
-    """make_sample(example, rng, row) for data.TrainSet: crop/flip, the encoders' inputs (or their cached
+    """make_sample(example, rng, row) for loader.TrainSet: crop/flip, the encoders' inputs (or their cached
     outputs), noise, timestep. Both paths draw the same random numbers in the same order."""
     latent_shape = (c.unet.config.in_channels, args.resolution // c.factor, args.resolution // c.factor)
     num_timesteps = c.noise_scheduler.config.num_train_timesteps
@@ -147,7 +148,7 @@ def batch_inputs(c, precision):
             latents, image_embeds = encode(c, precision, batch["pixel_values"], batch["clip_pixel_values"])
         noise, timesteps = batch["noise"], batch["timestep"]
         return {"noisy_latents": c.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
-                "target": training.diffusion_target(c.noise_scheduler, latents, noise, timesteps),
+                "target": diffusion.diffusion_target(c.noise_scheduler, latents, noise, timesteps),
                 "image_embeds": image_embeds}
 
     return prepare
@@ -159,7 +160,7 @@ def loss(c, model, batch, snr_gamma, precision):
     with precision.autocast():
         pred = model(latents, batch["timesteps"], None, added_cond_kwargs={"image_embeds": batch["image_embeds"]}
                      ).sample[:, :latents.shape[1]]
-    return training.diffusion_loss(pred, batch["target"], batch["timesteps"], c.noise_scheduler, snr_gamma)
+    return diffusion.diffusion_loss(pred, batch["target"], batch["timesteps"], c.noise_scheduler, snr_gamma)
 
 
 def save_pipeline(args, c, folder):

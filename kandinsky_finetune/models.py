@@ -194,6 +194,19 @@ def check_resolution(resolution, factor, what):
         raise UsageError(f"--resolution {resolution} is not a multiple of the MoVQ downscale factor {factor} "
                          f"({what}); try {max(factor, resolution // factor * factor)}")
 
+def memory_efficient_attention(model, wanted, log):
+    """--enable_xformers_memory_efficient_attention: Paddle's memory-efficient scaled-dot-product attention, where
+    this device and build have it (ppdiffusers checks by running the kernel once)."""
+    from ppdiffusers.utils import is_ppxformers_available
+
+    if not wanted:
+        return
+    if is_ppxformers_available():
+        model.enable_xformers_memory_efficient_attention()
+    else:
+        log.warn("--enable_xformers_memory_efficient_attention: Paddle's memory-efficient attention is not available "
+                 f"on {paddle.get_device()} with this Paddle build; using standard attention")
+
 
 def enable_prior_gradient_checkpointing(prior):
     """PriorTransformer has no gradient-checkpointing switch: recompute each transformer block in backward.

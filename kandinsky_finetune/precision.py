@@ -1,5 +1,4 @@
-"""Precision and device settings: --mixed_precision (autocast, loss scaling), --allow_tf32 and memory-efficient
-attention."""
+"""Precision and device settings: --mixed_precision (autocast, loss scaling) and --allow_tf32."""
 import contextlib
 
 import paddle
@@ -60,18 +59,6 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
-def memory_efficient_attention(model, wanted, log):
-    """--enable_xformers_memory_efficient_attention: Paddle's memory-efficient scaled-dot-product attention, where
-    this device and build have it (ppdiffusers checks by running the kernel once)."""
-    from ppdiffusers.utils import is_ppxformers_available
-
-    if not wanted:
-        return
-    if is_ppxformers_available():
-        model.enable_xformers_memory_efficient_attention()
-    else:
-        log.warn("--enable_xformers_memory_efficient_attention: Paddle's memory-efficient attention is not available "
-                 f"on {paddle.get_device()} with this Paddle build; using standard attention")
 
 
 def configure_tf32(allow_tf32, log):

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import paddle
 
-from . import data, models, training
+from . import data, diffusion, models
+from .loader import as_tensor
 from .models import DECODER_FLAG, PRIOR_FLAG
 
 
@@ -77,8 +78,8 @@ def tokenize(c, captions):
 def encode(c, precision, text_input_ids, clip_pixel_values):
     """The frozen encoders' outputs: (text_embeds, text last_hidden_state, CLIP image_embeds), in float32."""
     with paddle.no_grad(), precision.autocast():
-        text = c.text_encoder(training.as_tensor(text_input_ids))
-        image_embeds = c.image_encoder(training.as_tensor(clip_pixel_values)).image_embeds
+        text = c.text_encoder(as_tensor(text_input_ids))
+        image_embeds = c.image_encoder(as_tensor(clip_pixel_values)).image_embeds
     return text.text_embeds.cast("float32"), text.last_hidden_state.cast("float32"), image_embeds.cast("float32")
 
 
@@ -124,7 +125,7 @@ def cached_dataset(ds, args, c, run):
 
 
 def sample_maker(args, c):
-    """make_sample(example, rng, row) for data.TrainSet: a caption pick, the encoders' inputs (or their cached
+    """make_sample(example, rng, row) for loader.TrainSet: a caption pick, the encoders' inputs (or their cached
     outputs), noise, timestep. Both paths draw the same random numbers in the same order."""
     embed_dim = c.prior.config.embedding_dim
     num_timesteps = c.noise_scheduler.config.num_train_timesteps
@@ -162,7 +163,7 @@ def batch_inputs(c, precision):
         image_embeds = (image_embeds - c.clip_mean) / c.clip_std
         noise, timesteps = batch["noise"], batch["timestep"]
         return {"noisy_embeds": c.noise_scheduler.add_noise(image_embeds, noise, timesteps), "timesteps": timesteps,
-                "target": training.diffusion_target(c.noise_scheduler, image_embeds, noise, timesteps),
+                "target": diffusion.diffusion_target(c.noise_scheduler, image_embeds, noise, timesteps),
                 "text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": batch["text_mask"]}
 
     return prepare
@@ -174,7 +175,7 @@ def loss(c, model, batch, snr_gamma, precision):
         pred = model(batch["noisy_embeds"], timestep=batch["timesteps"], proj_embedding=batch["text_embeds"],
                      encoder_hidden_states=batch["text_hidden"], attention_mask=batch["text_mask"]
                      ).predicted_image_embedding
-    return training.diffusion_loss(pred, batch["target"], batch["timesteps"], c.noise_scheduler, snr_gamma)
+    return diffusion.diffusion_loss(pred, batch["target"], batch["timesteps"], c.noise_scheduler, snr_gamma)
 
 
 def prior_pipeline(c):

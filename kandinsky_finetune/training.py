@@ -3,16 +3,9 @@ import contextlib
 import itertools
 import signal
 
-import paddle  # noqa: F401 (kept for Loop._step: on main it reads the losses with paddle.stack)
+import paddle
 
-# the names the scripts, prior/decoder (and on main benchmarks/bare_step.py and a test: Precision) call as
-# training.<name>, owned by the modules they come from
-from .diffusion import diffusion_loss, diffusion_target  # noqa: F401
-from .ema import build_ema, ema_weights  # noqa: F401
-from .loader import as_tensor  # noqa: F401
 from .output_dir import prepare_output_dir
-from .precision import Precision, memory_efficient_attention  # noqa: F401
-from .startup import start_run  # noqa: F401
 from .steps import accumulation_groups, plan_steps
 
 

@@ -61,7 +61,8 @@ def test_a_micro_batch_backward_does_not_wait_for_the_device(monkeypatch):
     import paddle
 
     from kandinsky_finetune.tracking import Log
-    from kandinsky_finetune.training import Loop, Precision
+    from kandinsky_finetune.precision import Precision
+    from kandinsky_finetune.training import Loop
 
     def read(*args, **kwargs):
         raise AssertionError("a micro-batch's backward read a value from the device")

@@ -304,8 +304,9 @@ def test_cached_runs_load_the_trained_model_after_the_encoders_are_released(tiny
 
         with monkeypatch.context() as m:
             m.setattr(task, "encode", spy)
+            # a datasets cache of its own: a cache another test wrote would be reused without running the encoders
             script.main(model_args(tiny, tmp_path / script.__name__, "--max_train_steps", 1, "--cache_encoder_outputs",
-                                   *extra))
+                                   "--cache_dir", tmp_path / "hf", *extra))
         assert seen and all(model is None for model in seen), seen
     for kind, lora, make in [("prior", True, plan_args), ("decoder", False, decoder_plan_args)]:
         plan = memory_plan.build(make(tiny, "--cache_encoder_outputs", lora=lora), kind, lora)
