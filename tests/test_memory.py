@@ -142,37 +142,49 @@ def test_models_load_without_a_second_copy_and_equal_from_pretrained(tiny, monke
         assert not any(p.stop_gradient for p in model.parameters()) and not model.training
 
 
+def train_watching(script, task, names, tiny, output_dir, monkeypatch, *flags):
+    """Run `script` (4 steps of batch 4, validating every epoch) and return what its components namespace `c` held
+    under `names`: at each training step, whether each was loaded; at each validation, the models themselves (None
+    where released); and `c` at the end."""
+    import train_text_to_image_prior as prior_script
+    from kandinsky_finetune import validation
+
+    at_steps, at_validation, seen = [], [], {}
+    loss, run = task.loss, validation.run
+
+    def spy_loss(c, *a, **k):
+        seen["c"] = c
+        at_steps.append([getattr(c, n) is not None for n in names])
+        return loss(c, *a, **k)
+
+    def spy_validation(pipe, *a, **k):
+        at_validation.append([getattr(seen["c"], n) for n in names])
+        run(pipe, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(task, "loss", spy_loss)
+        m.setattr(validation, "run", spy_validation)
+        extra = (["--validation_prompts", "a red picture"] if script is prior_script else
+                 ["--validation_prompt", "a red picture", "--num_validation_images", 1, "--center_crop"])
+        script.main(model_args(tiny, output_dir, "--max_train_steps", 4, "--train_batch_size", 4,
+                               "--validation_epochs", 1, *flags, *extra))
+    return at_steps, at_validation, seen["c"]
+
+
 def test_cached_runs_train_without_the_frozen_encoders_and_validate_with_them(tiny, tmp_path, monkeypatch):
     """--cache_encoder_outputs: after encoding, no step has the CLIP encoders (prior) or the CLIP image encoder and
     MoVQ (decoder) in memory; validation loads what it needs and releases it again."""
     import train_text_to_image_decoder_lora as decoder_lora
     import train_text_to_image_prior as prior_script
-    from kandinsky_finetune import decoder, prior, validation
+    from kandinsky_finetune import decoder, prior
 
     for script, task, names in [(prior_script, prior, ("image_encoder", "text_encoder")),
                                 (decoder_lora, decoder, ("image_encoder", "movq"))]:
-        resident, at_validation = [], []
-        loss, run = task.loss, validation.run
-
-        def spy_loss(c, *a, **k):
-            resident.append([getattr(c, n) is not None for n in names])
-            spy_loss.c = c
-            return loss(c, *a, **k)
-
-        def spy_validation(pipe, *a, **k):
-            at_validation.append([getattr(spy_loss.c, n) is not None for n in names])
-            run(pipe, *a, **k)
-
-        with monkeypatch.context() as m:
-            m.setattr(task, "loss", spy_loss)
-            m.setattr(validation, "run", spy_validation)
-            extra = (["--validation_prompts", "a red picture"] if script is prior_script else
-                     ["--validation_prompt", "a red picture", "--num_validation_images", 1, "--center_crop"])
-            script.main(model_args(tiny, tmp_path / script.__name__, "--max_train_steps", 4, "--train_batch_size", 4,
-                                   "--cache_encoder_outputs", "--validation_epochs", 1, *extra))
+        resident, at_validation, c = train_watching(script, task, names, tiny, tmp_path / script.__name__,
+                                                    monkeypatch, "--cache_encoder_outputs")
         assert resident == [[False, False]] * 4
-        assert at_validation and all(v == [True, True] for v in at_validation)
-        assert [getattr(spy_loss.c, n) for n in names] == [None, None]  # released again after the last one
+        assert at_validation and all(all(m is not None for m in v) for v in at_validation)
+        assert [getattr(c, n) for n in names] == [None, None]  # released again after the last one
         images = glob.glob(str(tmp_path / script.__name__ / "validation" / "*" / "*.png"))
         assert images
 
@@ -319,33 +331,14 @@ def test_validation_loads_its_models_frozen_and_releases_them_after_each_validat
     not in memory while training steps run."""
     import train_text_to_image_decoder_lora as decoder_lora
     import train_text_to_image_prior as prior_script
-    from kandinsky_finetune import decoder, prior, validation
+    from kandinsky_finetune import decoder, prior
 
     for script, task, names in [(prior_script, prior, ("decoder_unet", "decoder_movq")),
                                 (decoder_lora, decoder, ("prior_prior", "prior_text_encoder"))]:
-        at_steps, at_validation = [], []
-        loss, run = task.loss, validation.run
-
-        def spy_loss(c, *a, **k):
-            at_steps.append([getattr(c, n) is not None for n in names])
-            spy_loss.c = c
-            return loss(c, *a, **k)
-
-        def spy_validation(pipe, *a, **k):
-            for name in names:
-                model = getattr(spy_loss.c, name)
-                at_validation.append(not model.training and all(p.stop_gradient for p in model.parameters()))
-            run(pipe, *a, **k)
-
-        with monkeypatch.context() as m:
-            m.setattr(task, "loss", spy_loss)
-            m.setattr(validation, "run", spy_validation)
-            extra = (["--validation_prompts", "a red picture"] if script is prior_script else
-                     ["--validation_prompt", "a red picture", "--num_validation_images", 1, "--center_crop"])
-            script.main(model_args(tiny, tmp_path / script.__name__, "--max_train_steps", 4, "--train_batch_size", 4,
-                                   "--validation_epochs", 1, *extra))
+        at_steps, at_validation, _ = train_watching(script, task, names, tiny, tmp_path / script.__name__, monkeypatch)
         assert len(at_steps) == 4 and not any(any(step) for step in at_steps), at_steps
-        assert len(at_validation) >= 4 and all(at_validation)
+        frozen = [not m.training and all(p.stop_gradient for p in m.parameters()) for v in at_validation for m in v]
+        assert len(frozen) >= 4 and all(frozen)
 
 
 def test_print_memory_plan_usage_reads_as_the_readme_says():
