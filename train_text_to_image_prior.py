@@ -5,9 +5,12 @@
 
 output_dir then loads with `DiffusionPipeline.from_pretrained(output_dir)` (a KandinskyV22PriorPipeline).
 """
+import sys
+
 from kandinsky_finetune import cpu_threads
 
-cpu_threads.share_cores(compute_threads=2)  # the training thread, and the thread encoding the next batch
+# the training thread, and the thread encoding the next batch; from a cache there is nothing to encode
+cpu_threads.share_cores(compute_threads=1 if "--cache_encoder_outputs" in sys.argv else 2)
 from kandinsky_finetune import (  # noqa: E402
     checkpoint, data, models, optimization, params, prior, startup, training, validation)
 from kandinsky_finetune.ema import build_ema, ema_weights  # noqa: E402
@@ -41,9 +44,11 @@ def main(argv=None):
     c.prior.train()
     if args.gradient_checkpointing:
         models.enable_prior_gradient_checkpointing(c.prior)
-    # the next batch is built, encoded and noised in a second thread while this one trains (prefetch.py)
+    # the next batch is built, encoded and noised in a second thread while this one trains (prefetch.py); from the
+    # cache only copied and noised: cheaper in this thread than handing the GIL and a core to another
     sampler, loader = data.build_loader(ds, prior.sample_maker(args, c), args, ctx, run.seed,
-                                        prepare=prior.batch_inputs(c, precision), read_ahead=True)
+                                        prepare=prior.batch_inputs(c, precision),
+                                        read_ahead=not args.cache_encoder_outputs)
 
     # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in c.prior.parameters() if not p.stop_gradient]

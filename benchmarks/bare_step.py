@@ -17,7 +17,10 @@ import time
 
 import run as bench  # (benchmarks/run.py: keeps the environment as given, before paddle sets OMP_NUM_THREADS)
 
+sys.argv.append("--cache_encoder_outputs")  # the script's thread count for a cached run (it reads sys.argv)
 import train_text_to_image_prior as script  # noqa: E402  (sets OMP_NUM_THREADS as the script does, imports paddle)
+
+sys.argv.pop()
 
 
 def encoded_batches(prior_repo, decoder_repo, data, count):

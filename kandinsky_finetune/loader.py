@@ -25,6 +25,7 @@ class TrainSet(paddle.io.Dataset):
 
     def __init__(self, hf_dataset, make_sample, seed):
         self.ds, self.make_sample, self.seed = hf_dataset, make_sample, seed
+        self.row = numeric_rows(hf_dataset) or hf_dataset.__getitem__
 
     def __len__(self):
         return len(self.ds)
@@ -32,9 +33,31 @@ class TrainSet(paddle.io.Dataset):
     def __getitem__(self, key):
         epoch, row = key
         try:
-            return self.make_sample(self.ds[row], sample_rng(self.seed, epoch, row), row)
+            return self.make_sample(self.row(row), sample_rng(self.seed, epoch, row), row)
         except Exception as e:  # e.g. an image whose header was fine but whose data is not
             return {"sample_error": f"cannot prepare row {row} of the dataset: {first_line(e)}"}
+
+
+def numeric_rows(ds):
+    """For a dataset of numbers in numpy format (the encoder caches), row(i) -> what ds[i] gives, read from its Arrow
+    table directly: about 7x cheaper than `datasets`' row formatting, which is a few % of a cached prior step on small
+    models. None for any other dataset (images, text, an index mapping)."""
+    import datasets
+    import pyarrow
+
+    numeric = all(isinstance(f, datasets.Value) and f.dtype != "string" or isinstance(f, datasets.Sequence)
+                  and isinstance(f.feature, datasets.Value) and f.feature.dtype != "string" for f in ds.features.values())
+    if not numeric or ds.format["type"] != "numpy" or ds._indices is not None:
+        return None
+    columns = {name: ds.data.column(name) for name in ds.column_names}
+
+    def value(scalar):  # as datasets' numpy formatter gives it: integers as int64, a single value as a 0-d array
+        if isinstance(scalar, pyarrow.ListScalar):
+            array = scalar.values.to_numpy(zero_copy_only=False)
+            return array.astype(np.int64) if array.dtype.kind in "iu" else array
+        return np.asarray(scalar.as_py())
+
+    return lambda i: {name: value(column[i]) for name, column in columns.items()}
 
 
 class ShardedBatchSampler:

@@ -302,3 +302,31 @@ def test_a_dataset_of_images_1_or_3_pixels_on_a_side_trains(tiny, tmp_path, scri
     losses = logged(out)
     assert len(losses) == 1 and math.isfinite(losses[0])
     assert all(np.isfinite(v).all() for v in state_dict_of(out / model).values())
+
+
+def test_cached_rows_read_from_arrow_are_what_datasets_gives():
+    """TrainSet reads a cache's rows from its Arrow table (loader.numeric_rows): same values, dtypes and shapes as
+    ds[i] in numpy format, through select/shuffle/shard; datasets with images or text keep datasets' reader."""
+    import datasets
+
+    from kandinsky_finetune.loader import numeric_rows
+
+    features = datasets.Features({"latents": datasets.Sequence(datasets.Value("float32")),
+                                  "size": datasets.Sequence(datasets.Value("int32")),
+                                  "caption_is_list": datasets.Value("bool"), "timestep": datasets.Value("int64")})
+    rng = np.random.default_rng(0)
+    ds = datasets.Dataset.from_dict({"latents": [rng.standard_normal(6, dtype=np.float32) for _ in range(8)],
+                                     "size": [[i, 2 * i] for i in range(8)], "caption_is_list": [i % 2 == 0 for i in range(8)],
+                                     "timestep": list(range(8))}, features=features).with_format("numpy")
+    # (a dataset with an index mapping, as select/shuffle make, keeps datasets' reader: None)
+    for part in ds, ds.shard(2, 1, contiguous=True), ds.select([1, 2]):
+        row = numeric_rows(part)
+        assert row is not None
+        for i in range(len(part)):
+            expected, got = part[i], row(i)
+            assert expected.keys() == got.keys()
+            for name in expected:
+                assert (got[name].dtype, got[name].shape) == (expected[name].dtype, expected[name].shape), name
+                np.testing.assert_array_equal(got[name], expected[name])
+    assert numeric_rows(ds.with_format(None)) is None and numeric_rows(ds.shuffle(seed=0)) is None
+    assert numeric_rows(datasets.Dataset.from_dict({"text": ["a"]}).with_format("numpy")) is None
