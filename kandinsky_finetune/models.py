@@ -84,7 +84,10 @@ def lazy_model(cls, repo, subfolder=None, cache_dir=None, flag=None):
         if flag is None:
             raise
         raise cannot_load(e, subfolder, flag, repo) from None
-    with lazy_init():
+    # Its own name generator: parameter names come from a process-wide counter, and the optimizer state in a
+    # checkpoint is keyed by them; a plan that counted other models (validation's) would rename the trained model's
+    # parameters, and a run resumed with other flags would not find its optimizer state.
+    with lazy_init(), paddle.utils.unique_name.guard():
         return cls.from_config(config) if hasattr(cls, "load_config") else cls(config)
 
 
