@@ -32,6 +32,7 @@ def main(argv=None):
 
     # ---- data: each sample brings its own crop, flip, noise and timestep (see data.py)
     ds = data.load_train_dataset(args, run.seed, [args.image_column])
+    shapes = decoder.bucket_shapes(ds, args, log)  # --enable_bucket: each image's bucket (width, height)
     if args.cache_encoder_outputs:  # the frozen encoders run once over the data, not on every step
         ds = decoder.cached_dataset(ds, args, c, run)
 
@@ -44,8 +45,8 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
     models.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
     # each batch is encoded and noised before the step; in this thread: its kernels already use every core
-    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c), args, ctx, run.seed,
-                                        prepare=decoder.batch_inputs(c, precision))
+    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c, shapes), args, ctx, run.seed,
+                                        prepare=decoder.batch_inputs(c, precision), buckets=shapes)
 
     # ---- optimizer over the LoRA parameters only, checkpoints; the loop resumes and runs
     optimizer, lr_scheduler = optimization.build_optimizer(trainable, args, sampler)
@@ -57,7 +58,8 @@ def main(argv=None):
 
     def validate(step):
         with decoder.combined_pipeline(args, c) as pipe:
-            validation.run(pipe, [unet], args, run.seed, step, loop.tracker, log)
+            validation.run(pipe, [unet], args, run.seed, step, loop.tracker, log,
+                           decoder.validation_sizes(args, shapes))
 
     def save(folder):
         # the LoRA weights only, in the file `load_attn_procs(output_dir)` reads

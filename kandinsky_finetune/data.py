@@ -207,50 +207,72 @@ def pick_caption(caption, rng, row):
     return captions[caption_index(len(captions), is_list, rng)]
 
 
-def all_square(ds, column):
-    """Whether every image is square (read from the file headers): a random square crop is then the whole image."""
+def image_sizes(ds, column):
+    """Every image's (width, height), read from the file headers."""
+    found = []
     for item in _undecoded(ds, column):
         with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as im:
-            if im.size[0] != im.size[1]:
-                return False
-    return True
+            found.append(im.size)
+    return found
 
 
-def draw_view(rng, size, center, flip):
-    """The random part of the decoder's augmentation: (left, top, side, flipped) of the square taken from an
-    image of `size` (w, h). Drawn in a fixed order, so a cached sample draws the same numbers as a live one."""
+def image_name(ds, column, row):
+    """An image's file name for a message (its path, or "row <n>" where it has none)."""
+    import datasets
+
+    item = ds.select([row]).cast_column(column, datasets.Image(decode=False))[0][column]
+    return item.get("path") or f"row {row}"
+
+
+def crop_size(size, shape=None):
+    """(width, height) of the largest region of an image of `size` (w, h) with the aspect ratio of `shape` (a bucket's
+    (w, h)), or the largest square without one: the part of the image that is resized to the training size."""
     w, h = size
-    side = min(w, h)
+    if shape is None:
+        return min(w, h), min(w, h)
+    sw, sh = shape
+    if w * sh >= h * sw:  # wider than the bucket: the full height
+        return min(w, max(1, round(h * sw / sh))), h
+    return w, min(h, max(1, round(w * sh / sw)))
+
+
+def draw_view(rng, size, center, flip, shape=None):
+    """The random part of the decoder's augmentation: (left, top, width, height, flipped) of the region taken from an
+    image of `size` (w, h), a square or of the bucket `shape`'s aspect ratio. Drawn in a fixed order, so a cached
+    sample draws the same numbers as a live one."""
+    w, h = size
+    crop_w, crop_h = crop_size(size, shape)
     if center:
-        left, top = (w - side) // 2, (h - side) // 2
+        left, top = (w - crop_w) // 2, (h - crop_h) // 2
     else:
-        left, top = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
+        left, top = int(rng.integers(w - crop_w + 1)), int(rng.integers(h - crop_h + 1))
     flipped = bool(flip and rng.random() < 0.5)
-    return left, top, side, flipped
+    return left, top, crop_w, crop_h, flipped
 
 
 def crop_view(image, view):
-    """The square of `view`, maybe flipped, at the image's own resolution: PIL in (any mode), RGB PIL out. It is what
+    """The region of `view`, maybe flipped, at the image's own resolution: PIL in (any mode), RGB PIL out. It is what
     the CLIP image processor gets (as in the references, which give it the image itself, not the resized one)."""
-    left, top, side, flipped = view
-    image = image.convert("RGB").crop((left, top, left + side, top + side))
+    left, top, width, height, flipped = view
+    image = image.convert("RGB").crop((left, top, left + width, top + height))
     return image.transpose(Image.FLIP_LEFT_RIGHT) if flipped else image
 
 
-def resize(image, resolution):
-    """A square crop resized to `resolution`: what MoVQ gets."""
-    return image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
+def resize(image, shape):
+    """A crop resized to `shape` (width, height), or to a square of side `shape`: what MoVQ gets."""
+    shape = (shape, shape) if isinstance(shape, int) else tuple(shape)
+    return image.resize(shape, resample=Image.BICUBIC, reducing_gap=1)
 
 
-def apply_view(image, view, resolution):
-    """The square of `view`, maybe flipped, resized to `resolution`: PIL in (any mode), RGB PIL out."""
-    return resize(crop_view(image, view), resolution)
+def apply_view(image, view, shape):
+    """The region of `view`, maybe flipped, resized to `shape` (see resize): PIL in (any mode), RGB PIL out."""
+    return resize(crop_view(image, view), shape)
 
 
-def view_inputs(image_processor, image, view, resolution):
+def view_inputs(image_processor, image, view, shape):
     """The two encoders' inputs for one view of `image`: (MoVQ's, from the resized crop; CLIP's, from the crop)."""
     crop = crop_view(image, view)
-    return to_movq_input(resize(crop, resolution)), clip_input(image_processor, crop)
+    return to_movq_input(resize(crop, shape)), clip_input(image_processor, crop)
 
 
 def to_movq_input(image):

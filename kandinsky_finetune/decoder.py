@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import paddle
 
-from . import data, diffusion, models
+from . import buckets, data, diffusion, models
 from .loader import as_tensor
 from .models import DECODER_FLAG, PRIOR_FLAG
 
@@ -52,7 +52,29 @@ def load_components(args, precision):
     c.image_encoder, c.movq = c.loaders["image_encoder"](), c.loaders["movq"]()
     c.factor = models.movq_downscale_factor(c.movq)
     models.check_resolution(args.resolution, c.factor, "training images")
+    if args.enable_bucket:
+        unet_levels = len(models.config_of(UNet2DConditionModel, decoder_repo, "unet", DECODER_FLAG,
+                                           args.cache_dir)["block_out_channels"])
+        buckets.check_args(args, buckets.grid_of(c.factor, unet_levels))
     return c
+
+
+def bucket_shapes(ds, args, log):
+    """--enable_bucket: each image's bucket (width, height) in the dataset's order, read from the image headers, and
+    the bucket table logged; None without it (every image trains as a --resolution square)."""
+    if not args.enable_bucket:
+        return None
+    shapes = buckets.assign(data.image_sizes(ds, args.image_column), args,
+                            names=lambda row: data.image_name(ds, args.image_column, row))
+    log(buckets.table(shapes))
+    return shapes
+
+
+def validation_sizes(args, shapes):
+    """The (width, height) pairs validation generates at: the --resolution square, and with buckets the size most
+    images trained at."""
+    square = (args.resolution, args.resolution)
+    return [square] + ([buckets.most_common(shapes)] if shapes and buckets.most_common(shapes) != square else [])
 
 
 def load_trained(c, precision):
@@ -80,9 +102,12 @@ def cached_dataset(ds, args, c, run):
 
     from . import cache
 
-    if args.random_crop and not data.all_square(ds, args.image_column):
-        run.log.warn("--cache_encoder_outputs: --random_crop of non-square images cannot be cached exactly (drop "
-                     "--random_crop for the default centre crop, or use square images); training without the cache")
+    shape_of = (lambda size: buckets.bucket_of(size, args)) if args.enable_bucket else (lambda size: None)
+    if args.random_crop and any(data.crop_size(size, shape_of(size)) != size
+                                for size in data.image_sizes(ds, args.image_column)):
+        run.log.warn("--cache_encoder_outputs: --random_crop of images larger than their crop (not square, or not of "
+                     "their bucket's aspect ratio) cannot be cached exactly (drop --random_crop for the default centre "
+                     "crop); training without the cache")
         return ds
     flips = [False, True] if args.random_flip else [False]
 
@@ -90,15 +115,20 @@ def cached_dataset(ds, args, c, run):
         inputs, sizes = [], []
         for image in batch[args.image_column]:
             sizes.append(list(image.size))
-            center = data.draw_view(None, image.size, center=True, flip=False)
-            inputs += [data.view_inputs(c.image_processor, image, center[:3] + (flipped,), args.resolution)
+            shape = shape_of(image.size)
+            center = data.draw_view(None, image.size, center=True, flip=False, shape=shape)
+            inputs += [data.view_inputs(c.image_processor, image, center[:4] + (flipped,), shape or args.resolution)
                        for flipped in flips]
-        movq_inputs, clip_inputs = zip(*inputs)
-        latents, image_embeds = encode(c, run.precision, np.stack(movq_inputs), np.stack(clip_inputs))
+        latents, image_embeds = [None] * len(inputs), [None] * len(inputs)
+        for same_size in {movq_input.shape for movq_input, _ in inputs}:  # (buckets: one encoder batch per size)
+            picked = [i for i, (movq_input, _) in enumerate(inputs) if movq_input.shape == same_size]
+            encoded = encode(c, run.precision, *(np.stack([inputs[i][k] for i in picked]) for k in (0, 1)))
+            for j, i in enumerate(picked):
+                latents[i], image_embeds[i] = encoded[0][j].numpy(), encoded[1][j].numpy()
         n = len(flips)
-        latents, image_embeds = latents.numpy(), image_embeds.numpy()
-        return {"size": sizes, "latents": [latents[i:i + n].reshape(-1) for i in range(0, len(inputs), n)],
-                "image_embeds": [image_embeds[i:i + n].reshape(-1) for i in range(0, len(inputs), n)]}
+        return {"size": sizes,
+                "latents": [np.concatenate([x.reshape(-1) for x in latents[i:i + n]]) for i in range(0, len(inputs), n)],
+                "image_embeds": [np.concatenate(image_embeds[i:i + n]) for i in range(0, len(inputs), n)]}
 
     floats = datasets.Sequence(datasets.Value("float32"))
     features = datasets.Features({"size": datasets.Sequence(datasets.Value("int32")), "latents": floats,
@@ -106,27 +136,32 @@ def cached_dataset(ds, args, c, run):
     key = ["decoder", args.image_column, args.resolution, args.random_crop, flips,
            cache.model_fingerprint(c.movq), cache.model_fingerprint(c.image_encoder), c.image_processor.to_dict(),
            run.precision.dtype, paddle.get_device().split(":")[0]]
+    if args.enable_bucket:  # (only then: caches written without buckets keep their keys)
+        key.append([args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps, args.bucket_no_upscale])
     encoded = cache.encode_dataset(ds, encode_batch, features, key, args.train_batch_size, run.ctx, run.log, run.clock)
     models.release(c, *ENCODERS)
     return encoded
 
 
-def sample_maker(args, c):
+def sample_maker(args, c, shapes=None):
     """make_sample(example, rng, row) for loader.TrainSet: crop/flip, the encoders' inputs (or their cached
-    outputs), noise, timestep. Both paths draw the same random numbers in the same order."""
-    latent_shape = (c.unet.config.in_channels, args.resolution // c.factor, args.resolution // c.factor)
+    outputs), noise, timestep, at the row's bucket size from `shapes` (bucket_shapes) or the --resolution square.
+    Both paths draw the same random numbers in the same order."""
     num_timesteps = c.noise_scheduler.config.num_train_timesteps
 
     def make_sample(example, rng, row):
+        shape = shapes[row] if shapes else None
+        width, height = shape or (args.resolution, args.resolution)
+        latent_shape = (c.unet.config.in_channels, height // c.factor, width // c.factor)
         if "latents" in example:  # cached: the view's crop is the whole (square or centre-cropped) image
-            flipped = data.draw_view(rng, tuple(example["size"]), not args.random_crop, args.random_flip)[3]
+            flipped = data.draw_view(rng, tuple(example["size"]), not args.random_crop, args.random_flip, shape)[4]
             views = 2 if args.random_flip else 1
             inputs = {"latents": example["latents"].reshape(views, *latent_shape)[int(flipped)],
                       "image_embeds": example["image_embeds"].reshape(views, -1)[int(flipped)]}
         else:
             image = example[args.image_column]
-            view = data.draw_view(rng, image.size, not args.random_crop, args.random_flip)
-            pixel_values, clip_pixel_values = data.view_inputs(c.image_processor, image, view, args.resolution)
+            view = data.draw_view(rng, image.size, not args.random_crop, args.random_flip, shape)
+            pixel_values, clip_pixel_values = data.view_inputs(c.image_processor, image, view, (width, height))
             inputs = {"pixel_values": pixel_values, "clip_pixel_values": clip_pixel_values}
         noise = rng.standard_normal(latent_shape, dtype="float32")
         if args.noise_offset:

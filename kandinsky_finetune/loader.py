@@ -137,10 +137,14 @@ class Loader:
                    for name, value in batch.items()}
 
 
-def build_loader(hf_dataset, make_sample, args, ctx, seed, prepare=None, read_ahead=False):
+def build_loader(hf_dataset, make_sample, args, ctx, seed, prepare=None, read_ahead=False, buckets=None):
     """This rank's (sampler, loader) over the dataset; `prepare(batch)` runs on each batch before its step, with
-    `read_ahead` in a second thread while the step before runs."""
-    sampler = ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed)
+    `read_ahead` in a second thread while the step before runs. With `buckets` (each row's bucket, buckets.py)
+    every batch comes from one bucket."""
+    from .buckets import BucketBatchSampler
+
+    sampler = (BucketBatchSampler(buckets, args.train_batch_size, ctx.rank, ctx.world_size, seed) if buckets else
+               ShardedBatchSampler(len(hf_dataset), args.train_batch_size, ctx.rank, ctx.world_size, seed))
     return sampler, Loader(TrainSet(hf_dataset, make_sample, seed), sampler, args.dataloader_num_workers, prepare,
                            read_ahead)
 

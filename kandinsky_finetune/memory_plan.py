@@ -8,6 +8,8 @@ on a GPU; Python and the libraries on a CPU, measured).
 """
 from dataclasses import dataclass, field
 
+from .buckets import largest as largest_bucket
+
 GB = 1e9
 # What the process holds before any model: CUDA context and kernels' workspace on a GPU (about 1 GB on current
 # cards); on a CPU the Python process with paddle, ppdiffusers and datasets imported (0.57 GB measured here).
@@ -90,13 +92,13 @@ def prior_activations(prior, checkpointing):
 
 
 def unet_activations(unet, side, checkpointing):
-    """The Kandinsky UNet at latent side `side`, per layer (in tensors of its channels x pixels): a resnet keeps 7
-    (norms, activations, convolutions, its output), 11 in the up path (its input is the skip concatenated to the
-    path, 2x wide); an attention layer 6, plus the attention probabilities over the pixels and the image tokens; a
-    downsampling resnet 4, an upsampling one 26 (it works at 4x the pixels). Gradient checkpointing in ppdiffusers
-    0.29 recomputes only the resnets of the down and up blocks: their input and output stay, one resnet comes back
-    at a time (its forward pass peaks at 16 tensors, 23 with the skip); attention, the down/up samplers and the
-    middle block keep theirs."""
+    """The Kandinsky UNet at latent side `side` (or (rows, columns)), per layer (in tensors of its channels x pixels):
+    a resnet keeps 7 (norms, activations, convolutions, its output), 11 in the up path (its input is the skip
+    concatenated to the path, 2x wide); an attention layer 6, plus the attention probabilities over the pixels and
+    the image tokens; a downsampling resnet 4, an upsampling one 26 (it works at 4x the pixels). Gradient
+    checkpointing in ppdiffusers 0.29 recomputes only the resnets of the down and up blocks: their input and output
+    stay, one resnet comes back at a time (its forward pass peaks at 16 tensors, 23 with the skip); attention, the
+    down/up samplers and the middle block keep theirs."""
     config = unet.config
     channels, layers = config["block_out_channels"], config["layers_per_block"]
     head_dim = config["attention_head_dim"]
@@ -106,27 +108,28 @@ def unet_activations(unet, side, checkpointing):
     def attention(c, hw):
         return 6 * c * hw + (c // head_dim) * hw * (hw + context)
 
+    rows, cols = side if isinstance(side, tuple) else (side, side)
     units = []  # (elements kept, elements kept when recomputed (None: never recomputed), peak when recomputed)
     for level, kind in enumerate(config["down_block_types"]):
-        c, hw = channels[level], (side >> level) ** 2
+        c, hw = channels[level], (rows >> level) * (cols >> level)
         for _ in range(layers):
             units.append((7 * c * hw, c * hw, 16 * c * hw))
             if "CrossAttn" in kind:
                 units.append((attention(c, hw), None, 0))
         if level < len(channels) - 1:
             units.append((4 * c * hw, None, 0))  # the downsampling resnet
-    mid_c, mid_hw = channels[-1], (side >> (len(channels) - 1)) ** 2
+    mid_c, mid_hw = channels[-1], (rows >> (len(channels) - 1)) * (cols >> (len(channels) - 1))
     units.append((2 * 7 * mid_c * mid_hw + attention(mid_c, mid_hw), None, 0))  # never recomputed
     for j, kind in enumerate(config["up_block_types"]):
         level = len(channels) - 1 - j
-        c, hw = channels[level], (side >> level) ** 2
+        c, hw = channels[level], (rows >> level) * (cols >> level)
         for _ in range(layers + 1):
             units.append((11 * c * hw, 3 * c * hw, 23 * c * hw))  # recomputed: the concatenated input, the output
             if "CrossAttn" in kind:
                 units.append((attention(c, hw), None, 0))
         if level > 0:
             units.append((26 * c * hw, None, 0))  # the upsampling resnet, at this level's pixels
-    ends = 4 * channels[0] * side * side  # conv_in, the output's norm, activation and convolution
+    ends = 4 * channels[0] * rows * cols  # conv_in, the output's norm, activation and convolution
     if not checkpointing:
         return sum(k for k, _, _ in units) + ends
     return sum(k if r is None else r for k, r, _ in units) + max(p - r for _, r, p in units if r is not None) + ends
@@ -187,7 +190,8 @@ def build(args, kind, lora, device=None, processes=1):
         activations = prior_activations(models["prior"], args.gradient_checkpointing)
     else:
         factor = 2 ** (len(models["movq"].config["block_out_channels"]) - 1)
-        activations = unet_activations(models["unet"], args.resolution // factor, args.gradient_checkpointing)
+        width, height = largest_bucket(args) if getattr(args, "enable_bucket", False) else (args.resolution,) * 2
+        activations = unet_activations(models["unet"], (height // factor, width // factor), args.gradient_checkpointing)
     activations *= batch * act_bytes
 
     trained = lora_parameters(models[trained_model], args.lora_rank) if lora else counts[trained_model]
@@ -240,7 +244,8 @@ def build(args, kind, lora, device=None, processes=1):
                      "none: cached" if cached and not uncacheable else "encoded before the step, not during it")
 
     plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
-                + (f", {args.resolution} px" if kind == "decoder" else "")
+                + (f", {args.resolution} px" if kind == "decoder" and not getattr(args, "enable_bucket", False) else
+                   ", largest bucket {}x{} px".format(*largest_bucket(args)) if kind == "decoder" else "")
                 + (f", one of {processes} processes" if processes > 1 else "")
                 + (f", --sharding {stage}" if stage else ""))
     if cached:  # the scripts load the trained model once the encoders are released

@@ -124,6 +124,11 @@ def hyperparameters(args, run, step):
         rows["resolution"] = args.resolution
         rows["crop, flip, noise offset"] = (f"{'random' if args.random_crop else 'centre'}, "
                                             f"{'random' if args.random_flip else 'none'}, {args.noise_offset}")
+        if args.enable_bucket:
+            rows["aspect-ratio buckets"] = (f"--enable_bucket: sides {args.min_bucket_reso}-{args.max_bucket_reso} px in "
+                                            f"steps of {args.bucket_reso_steps}, area at most {args.resolution}^2"
+                                            + (", never upscaled (--bucket_no_upscale)" if args.bucket_no_upscale
+                                               else ""))
     return "| hyperparameter | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows.items())
 
 

@@ -169,6 +169,18 @@ def add_decoder_args(p):
     crop.add_argument("--center_crop", dest="random_crop", action="store_const", const=False,
                       help="Crop the centre of each image to a square, as the references do. This is the default: the "
                            "flag is kept so their commands run.")
+    # kohya-ss sd-scripts' names and defaults; set only with --enable_bucket (None here: not given)
+    p.add_argument("--enable_bucket", action="store_true",
+                   help="Aspect-ratio buckets: train each image at the bucket size nearest its aspect ratio (area at "
+                        "most --resolution squared; resized to cover it and cropped), every batch from one bucket, "
+                        "instead of a square crop.")
+    p.add_argument("--min_bucket_reso", type=int, default=None, help="Smallest bucket side in px (default 256).")
+    p.add_argument("--max_bucket_reso", type=int, default=None, help="Largest bucket side in px (default 1024).")
+    p.add_argument("--bucket_reso_steps", type=int, default=None,
+                   help="Bucket sides are multiples of this, in px (default 64: the grid the decoder generates on).")
+    p.add_argument("--bucket_no_upscale", action="store_true",
+                   help="Never enlarge an image: each gets a bucket of its own size (shrunk to --resolution squared "
+                        "where larger), rounded down to --bucket_reso_steps.")
 
 
 def parse(parser, argv=None):
@@ -184,6 +196,7 @@ def check(args):
     if args.sharding == "stage3" and getattr(args, "use_ema", False):
         raise UsageError("--use_ema with --sharding stage3: EMA averages the whole weights after every step, and "
                          "stage 3 keeps only a slice of them on each card; use --sharding stage2 with --use_ema")
+    check_bucket_flags(args)
     if args.print_memory_plan:  # needs the models' configs only
         return
     if args.dataset_name is None and args.train_data_dir is None:
@@ -274,3 +287,21 @@ def exit_process(status):
         logging.shutdown()
         os._exit(status)
     sys.exit(status)
+
+
+BUCKET_DEFAULTS = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
+
+
+def check_bucket_flags(args):
+    """The bucket flags are for --enable_bucket (decoder scripts only): given without it they are an error, with it
+    the ones not given take kohya-ss's defaults. (Their arithmetic is checked in buckets.check_args.)"""
+    if not hasattr(args, "enable_bucket"):
+        return
+    given = [f"--{name}" for name in BUCKET_DEFAULTS if getattr(args, name) is not None]
+    given += ["--bucket_no_upscale"] if args.bucket_no_upscale else []
+    if given and not args.enable_bucket:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --enable_bucket; add it or drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
+    for name, value in BUCKET_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)

@@ -24,6 +24,10 @@ def start_run(args, kind, lora):
     log = tracking.Log(ctx.is_main)
     from . import memory_plan, output_dir, sharding
 
+    if getattr(args, "enable_bucket", False):  # (the plan counts the largest bucket)
+        from .buckets import check_args
+
+        check_args(args)
     if not args.print_memory_plan:  # (a plan may be for a GPU and more processes than this machine has)
         sharding.check(args, ctx, log)
         output_dir.check(args, kind, ctx)

@@ -15,28 +15,32 @@ CJK_FONTS = ("cjk", "wqy", "droidsansfallback", "sourcehan", "notosanssc", "msyh
 FONT_SIZE = 12
 
 
-def generate(pipe, prompts, num_images_per_prompt, resolution, steps, seed, output_dir, step, tracker):
+def generate(pipe, prompts, num_images_per_prompt, sizes, steps, seed, output_dir, step, tracker):
     """Run `pipe` (a KandinskyV22CombinedPipeline) on each prompt with a fixed generator, `steps` denoising steps in
-    both its prior and its decoder; write output_dir/validation/step-<N>/<k>.png and the round's grid.png."""
+    both its prior and its decoder, at each (width, height) of `sizes`; write output_dir/validation/step-<N>/<k>.png
+    and the round's grid.png for the first size, <W>x<H>-<k>.png and grid-<W>x<H>.png for any other."""
     pipe.set_progress_bar_config(disable=True)
     generator = paddle.Generator().manual_seed(seed)
-    images = []
+    rounds = []
     with paddle.no_grad(), warnings.catch_warnings():
         # the combined pipeline passes its own deprecated `callback_steps` on to the decoder pipeline: not the user's
         warnings.filterwarnings("ignore", message="`callback_steps` is deprecated", category=FutureWarning)
-        for prompt in prompts:
-            images += pipe(prompt, num_images_per_prompt=num_images_per_prompt, height=resolution, width=resolution,
-                           num_inference_steps=steps, prior_num_inference_steps=steps, generator=generator).images
+        for width, height in sizes:
+            rounds.append([image for prompt in prompts for image in pipe(
+                prompt, num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                num_inference_steps=steps, prior_num_inference_steps=steps, generator=generator).images])
     folder = step_folder(output_dir, step)
     if paddle.distributed.get_rank() != 0:  # (--sharding stage3: every rank generates together, rank 0 writes)
         return folder
     os.makedirs(folder, exist_ok=True)
-    for k, image in enumerate(images):
-        image.save(os.path.join(folder, f"{k}.png"))
-    picture = grid(images, prompts, num_images_per_prompt)
-    picture.save(os.path.join(folder, GRID))
-    tracker.images("validation", images, step)
-    tracker.image("validation_grid", picture, step)
+    for n, ((width, height), images) in enumerate(zip(sizes, rounds)):
+        prefix, suffix = ("", "") if n == 0 else (f"{width}x{height}-", f"_{width}x{height}")
+        for k, image in enumerate(images):
+            image.save(os.path.join(folder, f"{prefix}{k}.png"))
+        picture = grid(images, prompts, num_images_per_prompt)
+        picture.save(os.path.join(folder, GRID if n == 0 else f"grid-{width}x{height}.png"))
+        tracker.images("validation" + suffix, images, step)
+        tracker.image("validation_grid" + suffix, picture, step)
     return folder
 
 
@@ -123,13 +127,15 @@ def prompts(args):
     return list(many) if many else [one] if one else []
 
 
-def run(pipe, trained_models, args, seed, step, tracker, log):
-    """Validation with `pipe`, the `trained_models` in it switched to eval mode for the while."""
+def run(pipe, trained_models, args, seed, step, tracker, log, sizes=None):
+    """Validation with `pipe`, the `trained_models` in it switched to eval mode for the while, at each (width, height)
+    of `sizes` (default: the --resolution square)."""
     for m in trained_models:
         m.eval()
     try:
-        folder = generate(pipe, prompts(args), getattr(args, "num_validation_images", 1), args.resolution,
-                          args.num_inference_steps, seed, args.output_dir, step, tracker)
+        folder = generate(pipe, prompts(args), getattr(args, "num_validation_images", 1),
+                          sizes or [(args.resolution, args.resolution)], args.num_inference_steps, seed,
+                          args.output_dir, step, tracker)
     finally:
         for m in trained_models:
             m.train()

@@ -91,7 +91,7 @@ def in_mode(image, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_apply_view_makes_rgb_from_any_mode(mode):
     image = in_mode(picture(), mode)
-    view = (8, 0, 48, True)
+    view = (8, 0, 48, 48, True)
     out = apply_view(image, view, 32)
     assert out.mode == "RGB" and out.size == (32, 32)
     # the same pixels as converting to RGB first (alpha dropped, palette and CMYK mapped to RGB)
@@ -138,7 +138,7 @@ def test_decoder_crops_the_centre_unless_random_crop(tiny, tmp_path):
 
     c = fake_components(tiny)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 160, 3), dtype=np.uint8))  # 129 squares
-    centre = to_movq_input(apply_view(image, (64, 0, 32, False), 32))
+    centre = to_movq_input(apply_view(image, (64, 0, 32, 32, False), 32))
 
     def movq_inputs(*flags):
         make = decoder.sample_maker(train_text_to_image_decoder.parse_args(
@@ -162,10 +162,10 @@ def test_decoder_clip_input_is_the_crop_before_resizing(tiny):
     flips = set()
     for row in range(8):
         view = draw_view(sample_rng(0, 0, row), image.size, center=False, flip=True)  # the view make() draws
-        flips.add(view[3])
+        flips.add(view[4])
         sample = make({"image": image}, sample_rng(0, 0, row), row)
-        left, top, side, flipped = view
-        crop = image.crop((left, top, left + side, top + side))
+        left, top, width, height, flipped = view
+        crop = image.crop((left, top, left + width, top + height))
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flipped else crop
         np.testing.assert_array_equal(sample["pixel_values"], to_movq_input(apply_view(image, view, 8)))
         np.testing.assert_array_equal(sample["clip_pixel_values"], clip_input(c.image_processor, crop))

@@ -4,9 +4,10 @@ tiny models.
 Each document's blocks run in order in a "user folder" of its own (a separate test, so the test processes share
 them), where the hub ids and dataset names the documents use (kandinsky-community/..., lambdalabs/...) are local
 folders holding the tiny repos and dataset, so `from_pretrained` and `load_dataset` resolve them without a network.
-A document needing an earlier output says how to make it in a block of its own. Two things are adapted, nothing
+A document needing an earlier output says how to make it in a block of its own. Three things are adapted, nothing
 else: `pip install` steps are left out (.ci/run installs from scratch), and each training command gets
-`--max_train_steps=2 --resolution=64 --checkpointing_steps=1` appended (argparse keeps the last value).
+`--max_train_steps=2 --resolution=64 --checkpointing_steps=1` appended (argparse keeps the last value), and one
+with --enable_bucket `--min_bucket_reso=64` too (the default, 256, leaves no bucket of at most 64 x 64 px).
 A block right after `<!-- test: skip: reason -->` is not run; the reason says why.
 """
 import glob
@@ -20,6 +21,7 @@ import pytest
 from conftest import ROOT, run
 
 OVERRIDES = " --max_train_steps=2 --resolution=64 --checkpointing_steps=1"
+BUCKET_OVERRIDES = " --min_bucket_reso=64"
 SKIP = re.compile(r"<!--\s*test:\s*skip:\s*(.+?)\s*-->")
 README_LIMIT = 25_000  # bytes: the README keeps the references' shape, the details live in docs/
 ZH_DOCS = sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in glob.glob(str(ROOT / "docs" / "*.md"))
@@ -67,7 +69,7 @@ def adapt_shell(code):
     for command in commands:
         command = re.sub(r"^\s*pip install [^&]*(&&\s*|$)", "", command)
         if re.search(r"train_text_to_image_\w+\.py", command):
-            command += OVERRIDES
+            command += OVERRIDES + (BUCKET_OVERRIDES if "--enable_bucket" in command else "")
         out.append(command)
     return "\n".join(out) + "\n"
 
