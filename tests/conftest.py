@@ -80,6 +80,7 @@ def module_fixtures(item):
             if defs[-1].scope == "module" and item.nodeid.startswith(defs[-1].baseid + "::")]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups in each test process
 def pytest_collection_modifyitems(items):
     # The tests sharing a module-scoped fixture run in one test process (pyproject.toml: --dist loadgroup), so the
     # fixture's runs happen once, not once in each process

@@ -32,3 +32,11 @@ def test_tests_sharing_a_module_fixture_share_a_test_process():
     order = [group for group, _ in lines if group.startswith("test_")]
     assert order.index("test_distributed") < order.index("test_sharding_stage3")
     assert all(name.endswith(".py::") or (ROOT / "tests" / name.split("::")[0]).is_file() for name in LONGEST_FIRST)
+
+
+def test_a_group_runs_in_one_test_process():
+    """With two test processes, the tests sharing a module-scoped fixture (here 5 in-process ones) all run in one."""
+    proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "-v",
+                "tests/test_bad_input.py", "-k", "do_not_belong_together"])
+    workers = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line}
+    assert len(workers) == 1, proc.stdout[-3000:]
