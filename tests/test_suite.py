@@ -18,7 +18,8 @@ pytest.main(["--collect-only", "-q", "-n", "2", *sys.argv[1:]], plugins=[Show()]
 
 
 def test_tests_sharing_a_module_fixture_share_a_test_process():
-    proc = run([sys.executable, "-c", SHOW_GROUPS, "tests/test_sharding_stage3.py", "tests/test_distributed.py"])
+    proc = run([sys.executable, "-c", SHOW_GROUPS, "tests/test_sharding_stage3.py", "tests/test_distributed.py",
+                "tests/test_training.py", "tests/test_lora.py"])
     lines = [line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("-", "test_", "dist"))]
     assert ["dist", "loadgroup False"] in lines  # groups in conftest.py's order, not reordered by size
     groups = {nodeid.split("::")[1].split("[")[0]: group for group, nodeid in lines if "::" in nodeid}
@@ -28,6 +29,9 @@ def test_tests_sharing_a_module_fixture_share_a_test_process():
     assert groups["test_the_decoder_scripts_train_with_stage3"] == "-"
     assert groups["test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody"] == "test_distributed"
     assert groups["test_two_process_launch"] == "-"
+    # tests taking their run by name (request.getfixturevalue): their module's mark groups them
+    assert groups["test_checkpoints_rotate_and_hold_weights_and_state"] == "test_training"
+    assert groups["test_only_lora_trains"] == "test_lora"
     # the longest work first: the distributed group (its gloo-timeout test waits over a minute) before stage 3's
     order = [group for group, _ in lines if group.startswith("test_")]
     assert order.index("test_distributed") < order.index("test_sharding_stage3")
