@@ -69,8 +69,10 @@ def state_dict_of(folder):
 LONGEST_FIRST = ("test_readme.py::test_blocks_run_as_written[README.md:2,6-13]",
                  "test_distributed.py::",
                  "test_sharding.py::",
-                 "test_readme.py::test_blocks_run_as_written[README.md:1,3-5]",
                  "test_sharding_stage3.py::",
+                 "test_fault_runs.py::",
+                 "test_training.py::",
+                 "test_readme.py::test_blocks_run_as_written[README.md:1,3-5]",
                  "test_readme.py::test_blocks_run_as_written[docs/sharding.md]")
 
 
