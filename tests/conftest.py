@@ -64,17 +64,36 @@ def state_dict_of(folder):
     return load_file(files[0])
 
 
-# The longest tests (minutes each, measured with --durations) go first: with two test processes (-n 2) one of them
-# running last would leave the other idle to the end.
+# The longest work first (minutes each, measured with --durations): with two test processes (-n 2) one of them
+# running last would leave the other idle to the end. An entry ending in ".py::" is a module's group (below).
 LONGEST_FIRST = ("test_readme.py::test_blocks_run_as_written[README.md:2,6-13]",
+                 "test_distributed.py::",
+                 "test_sharding.py::",
+                 "test_sharding_stage3.py::",
+                 "test_fault_runs.py::",
+                 "test_training.py::",
                  "test_readme.py::test_blocks_run_as_written[README.md:1,3-5]",
-                 "test_distributed.py::test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody",
                  "test_readme.py::test_blocks_run_as_written[docs/sharding.md]")
 
 
+def module_fixtures(item):
+    """The module-scoped fixtures of the test's own module that the test uses."""
+    return [name for name, defs in item._fixtureinfo.name2fixturedefs.items()
+            if defs[-1].scope == "module" and item.nodeid.startswith(defs[-1].baseid + "::")]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups in each test process
 def pytest_collection_modifyitems(items):
+    # The tests sharing a module-scoped fixture run in one test process (pyproject.toml: --dist loadgroup), so the
+    # fixture's runs happen once, not once in each process
+    for item in items:
+        if hasattr(item, "_fixtureinfo") and module_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
     def rank(item):
-        names = [i for i, name in enumerate(LONGEST_FIRST) if item.nodeid.endswith(name)]
+        group = item.get_closest_marker("xdist_group")
+        names = [i for i, name in enumerate(LONGEST_FIRST)
+                 if item.nodeid.endswith(name) or group and name == f"{group.args[0]}.py::"]
         return names[0] if names else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the rest keep their order

@@ -96,7 +96,20 @@ def worker_logs(*log_dirs):
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny, tmp_path_factory):
+def apart_for_longer_than_gloos_timeout(tiny, tmp_path_factory):
+    """The sharded launch of test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody, started with the first test
+    of this module that uses two_process_run: it mostly sleeps (over a minute), and the tests before it run meanwhile.
+    (output folder, launcher)"""
+    folder = tmp_path_factory.mktemp("apart")
+    out = folder / "out"
+    env = {SLOW_ENV: "loading@1=50,checkpoint=35"}
+    with ended([start(launch(SCRIPT, folder / "log", *model_args(tiny, out, *COMMON, "--sharding", "stage1")),
+                      folder / "launch.log", cwd=folder, env=env)]) as (launcher,):
+        yield out, launcher
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny, tmp_path_factory, apart_for_longer_than_gloos_timeout):
     """One 2-process launch on this machine: what the runs below must end equal to."""
     folder = tmp_path_factory.mktemp("two_process")
     run(launch(SCRIPT, folder / "log", *model_args(tiny, folder / "out", *COMMON)), cwd=folder, timeout=300)
@@ -112,32 +125,6 @@ def test_two_launchers_as_two_machines_train_like_one_two_process_launch(tiny, t
     assert "saved the LoRA weights" in logs[0] and "saved" not in logs[1]
     assert checkpoints(tmp_path / "out0") == ["checkpoint-4"] and not (tmp_path / "out1").exists()
     assert_same(tmp_path / "out0", two_process_run, atol=0)
-
-
-def test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody(tiny, tmp_path, two_process_run):
-    """gloo fails a collective that waits more than 30 s (fixed in Paddle 3.3). Two ways ranks are apart that long,
-    in one sharded run (each used to kill a rank, measured before the fixes):
-    - rank 1 loads its models and data 40 s after rank 0 (minutes at real size, never at the same pace): before
-      distributed.wait_for_everyone, rank 0 stopped with a gloo TIMEOUT in the barrier;
-    - rank 0 works alone on a checkpoint for 35 s (the sharded one, where every rank first sends its optimizer shard
-      to rank 0 and then waits while rank 0 writes): before distributed.on_rank_0, rank 1 died 30 s in; and when
-      rank 0 still wrote its own part of the state while rank 1 waited in the broadcast of its shard (the delay is
-      injected at the start of everything rank 0 writes), rank 1 died 30 s in too.
-    The final save waits on rank 0 the same way (on_rank_0)."""
-    out = tmp_path / "out"
-    env = {SLOW_ENV: "loading@1=40,checkpoint=35"}
-    with ended([start(launch(SCRIPT, tmp_path / "log", *model_args(tiny, out, *COMMON, "--sharding", "stage1")),
-                      tmp_path / "launch.log", cwd=tmp_path, env=env)]) as (launcher,):
-        code = launcher.wait(timeout=400)
-    logs = worker_logs(tmp_path / "log")
-    assert code == 0, "\n".join(log[-3000:] for log in logs)
-    assert re.findall(rf"{SLOW_ENV}: (\w+) sleeps", logs[0]) == ["checkpoint"]
-    assert re.findall(rf"{SLOW_ENV}: (\w+) sleeps", logs[1]) == ["loading"]
-    phases = dict(re.findall(r"(checkpointing) ([\d.]+) s", logs[0]))
-    assert float(phases["checkpointing"]) >= 35, phases
-    assert "saved the LoRA weights" in logs[0] and "saved" not in logs[1]
-    assert checkpoints(out) == ["checkpoint-4"]
-    assert_same(out, two_process_run, atol=1e-5)  # (sharded: the same weights as data parallel, within rounding)
 
 
 def test_a_dead_rank_0_ends_the_other_machine_at_once_while_it_works_alone(tiny, tmp_path):
@@ -173,3 +160,28 @@ def test_resuming_on_two_machines_where_one_does_not_see_the_checkpoint_is_an_er
                "from (checkpoint-4" in log and "Traceback" not in log, log[-2000:]
     assert "; rank 1 finds no checkpoint): every machine must see output_dir's checkpoints" in logs[1]
     assert "resumed" not in logs[0] and "steps:" not in logs[0]
+
+
+def test_ranks_apart_for_longer_than_gloos_timeout_kill_nobody(apart_for_longer_than_gloos_timeout, two_process_run):
+    """gloo fails a collective that waits more than 30 s (fixed in Paddle 3.3). Two ways ranks are apart that long,
+    in one sharded run (each used to kill a rank, measured before the fixes):
+    - rank 1 loads its models and data 50 s after rank 0 (minutes at real size, never at the same pace; 50 s leaves
+      rank 0 waiting well over 30 s though its own loading is slow beside the tests running meanwhile): before
+      distributed.wait_for_everyone, rank 0 stopped with a gloo TIMEOUT in the barrier;
+    - rank 0 works alone on a checkpoint for 35 s (the sharded one, where every rank first sends its optimizer shard
+      to rank 0 and then waits while rank 0 writes): before distributed.on_rank_0, rank 1 died 30 s in; and when
+      rank 0 still wrote its own part of the state while rank 1 waited in the broadcast of its shard (the delay is
+      injected at the start of everything rank 0 writes), rank 1 died 30 s in too.
+    The final save waits on rank 0 the same way (on_rank_0). The launch started before this module's other tests
+    (apart_for_longer_than_gloos_timeout); this test, the module's last, waits for it."""
+    out, launcher = apart_for_longer_than_gloos_timeout
+    code = launcher.wait(timeout=400)
+    logs = worker_logs(out.parent / "log")
+    assert code == 0, "\n".join(log[-3000:] for log in logs)
+    assert re.findall(rf"{SLOW_ENV}: (\w+) sleeps", logs[0]) == ["checkpoint"]
+    assert re.findall(rf"{SLOW_ENV}: (\w+) sleeps", logs[1]) == ["loading"]
+    phases = dict(re.findall(r"(checkpointing) ([\d.]+) s", logs[0]))
+    assert float(phases["checkpointing"]) >= 35, phases
+    assert "saved the LoRA weights" in logs[0] and "saved" not in logs[1]
+    assert checkpoints(out) == ["checkpoint-4"]
+    assert_same(out, two_process_run, atol=1e-5)  # (sharded: the same weights as data parallel, within rounding)

@@ -13,6 +13,10 @@ import train_text_to_image_prior_lora
 from conftest import logged, model_args, state_dict_of
 from kandinsky_finetune import lora, models, optimization, precision, validation
 
+# one test process for the whole module (-n 2): its tests take their module-scoped run by name
+# (request.getfixturevalue), which conftest.py cannot see when it groups the tests sharing one
+pytestmark = pytest.mark.xdist_group("test_lora")
+
 STEPS = 40  # 8 samples in batches of 4: 2 steps per epoch, 20 epochs
 
 

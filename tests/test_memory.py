@@ -95,10 +95,14 @@ def test_print_memory_plan_needs_no_dataset_and_loads_no_weights(tiny, tmp_path)
     assert not out.exists()
 
 
-def test_a_model_that_cannot_be_found_is_one_error_line_and_no_plan_warning(tiny, tmp_path):
+def test_a_model_that_cannot_be_found_is_one_error_line_and_no_plan_warning(tiny, tmp_path, capfd):
     """A repo whose image_encoder has no config, or a local path that does not exist: the run's one error line, the
-    one loading would give, before anything else (not a plan warning first); the same with --print_memory_plan."""
+    one loading would give, before anything else (not a plan warning first); the same with --print_memory_plan.
+    One case runs as a user runs it (stderr: that line alone); the others in process (the UsageError, which
+    params.run prints as that line, and nothing on stderr before it)."""
     import shutil
+
+    import train_text_to_image_prior
 
     repo = tmp_path / "prior"
     shutil.copytree(tiny.prior, repo)
@@ -107,10 +111,17 @@ def test_a_model_that_cannot_be_found_is_one_error_line_and_no_plan_warning(tiny
                           (tmp_path / "missing", f"error: --pretrained_prior_model_name_or_path {tmp_path / 'missing'}:"
                                                  " no such folder")]:
         for extra in [("--max_train_steps", 1), ("--print_memory_plan",)]:
-            proc = run_script("train_text_to_image_prior.py", *model_args(tiny, tmp_path / "out", *extra),
-                              "--pretrained_prior_model_name_or_path", bad, check=False)
-            assert proc.returncode == 2 and proc.stderr.strip().splitlines()[0].startswith(expected), proc.stderr
-            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            args = [*model_args(tiny, tmp_path / "out", *extra), "--pretrained_prior_model_name_or_path", str(bad)]
+            if bad == repo and extra == ("--print_memory_plan",):
+                proc = run_script("train_text_to_image_prior.py", *args, check=False)
+                assert proc.returncode == 2 and proc.stderr.strip().splitlines()[0].startswith(expected), proc.stderr
+                assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+                continue
+            capfd.readouterr()
+            with pytest.raises(params.UsageError) as error:
+                train_text_to_image_prior.main(args)
+            assert f"error: {error.value}".startswith(expected) and "\n" not in str(error.value), error.value
+            assert capfd.readouterr().err == ""
 
 
 def test_a_plan_that_cannot_be_computed_is_one_warning_line(tiny, monkeypatch):

@@ -26,6 +26,14 @@ def test_the_package_installs_and_runs_from_any_folder(tmp_path):
 
 
 def test_demo_prints_commands_a_user_can_paste_and_says_the_picture_is_noise(tmp_path):
+    # the folder as an earlier demo left it (so one run checks what running it again does): its tiny repos and
+    # dataset, and outputs with a checkpoint this run does not make
+    from kandinsky_finetune.tiny_models import build_tiny_kandinsky, write_tiny_dataset
+
+    build_tiny_kandinsky(str(tmp_path / "tiny-kandinsky"))
+    write_tiny_dataset(str(tmp_path / "tiny-dataset"))
+    for name in "prior-finetuned", "decoder-finetuned":
+        (tmp_path / name / "checkpoint-1").mkdir(parents=True)
     proc = run([sys.executable, "-m", "kandinsky_finetune.demo", "--workdir", str(tmp_path), "--steps", "2"])
     commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
     assert len(commands) == 2
@@ -43,5 +51,6 @@ def test_demo_prints_commands_a_user_can_paste_and_says_the_picture_is_noise(tmp
         "error: --output_dir ") and "--resume_from_checkpoint latest, or start over with --overwrite_output_dir" \
         in pasted.stderr, pasted.stderr[-2000:]
     # the demo itself starts over when run again
-    again = run([sys.executable, "-m", "kandinsky_finetune.demo", "--workdir", str(tmp_path), "--steps", "2"])
-    assert f"removing the previous demo's {tmp_path / 'prior-finetuned'}" in again.stdout
+    for name in "prior-finetuned", "decoder-finetuned":
+        assert f"removing the previous demo's {tmp_path / name}" in proc.stdout
+        assert not (tmp_path / name / "checkpoint-1").exists() and (tmp_path / name / "checkpoint-2").is_dir()

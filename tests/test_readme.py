@@ -4,10 +4,13 @@ tiny models.
 Each document's blocks run in order in a "user folder" of its own (a separate test, so the test processes share
 them), where the hub ids and dataset names the documents use (kandinsky-community/..., lambdalabs/...) are local
 folders holding the tiny repos and dataset, so `from_pretrained` and `load_dataset` resolve them without a network.
-A document needing an earlier output says how to make it in a block of its own. Three things are adapted, nothing
+A document needing an earlier output says how to make it in a block of its own. Five things are adapted, nothing
 else: `pip install` steps are left out (.ci/run installs from scratch), and each training command gets
 `--max_train_steps=2 --resolution=64 --checkpointing_steps=1` appended (argparse keeps the last value), and one
-with --enable_bucket `--min_bucket_reso=64` too (the default, 256, leaves no bucket of at most 64 x 64 px).
+with --enable_bucket `--min_bucket_reso=64` too (the default, 256, leaves no bucket of at most 64 x 64 px), and the
+demo (`python -m kandinsky_finetune.demo`) gets `--steps 2` (its 30 default steps train the same code for longer),
+and a python block's combined pipeline samples 64 x 64 px in 2 prior and 2 decoder steps unless the block says
+otherwise (FAST_SAMPLING, run before the block: the defaults, 512 px in 25 + 100 steps, run the same code for longer).
 A block right after `<!-- test: skip: reason -->` is not run; the reason says why.
 """
 import glob
@@ -21,7 +24,23 @@ import pytest
 from conftest import ROOT, run
 
 OVERRIDES = " --max_train_steps=2 --resolution=64 --checkpointing_steps=1"
+DEMO_OVERRIDES = " --steps 2"
 BUCKET_OVERRIDES = " --min_bucket_reso=64"
+# the adaptation of python blocks: other defaults for what the block does not pass itself
+FAST_SAMPLING = """\
+import ppdiffusers as _ppdiffusers
+
+
+def _sample_fast(call):
+    def fast(self, *args, **kwargs):
+        for name, value in dict(height=64, width=64, prior_num_inference_steps=2, num_inference_steps=2).items():
+            kwargs.setdefault(name, value)
+        return call(self, *args, **kwargs)
+    return fast
+
+
+_ppdiffusers.KandinskyV22CombinedPipeline.__call__ = _sample_fast(_ppdiffusers.KandinskyV22CombinedPipeline.__call__)
+"""
 SKIP = re.compile(r"<!--\s*test:\s*skip:\s*(.+?)\s*-->")
 README_LIMIT = 25_000  # bytes: the README keeps the references' shape, the details live in docs/
 ZH_DOCS = sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in glob.glob(str(ROOT / "docs" / "*.md"))
@@ -70,6 +89,8 @@ def adapt_shell(code):
         command = re.sub(r"^\s*pip install [^&]*(&&\s*|$)", "", command)
         if re.search(r"train_text_to_image_\w+\.py", command):
             command += OVERRIDES + (BUCKET_OVERRIDES if "--enable_bucket" in command else "")
+        elif re.search(r"-m kandinsky_finetune\.demo\b", command):
+            command += DEMO_OVERRIDES
         out.append(command)
     return "\n".join(out) + "\n"
 
@@ -97,7 +118,7 @@ def run_block(folder, language, code, name):
         cmd = ["bash", str(script)]
     else:
         script = folder / f"{name}.py"
-        script.write_text(code)
+        script.write_text((FAST_SAMPLING + "\n" if "KandinskyV22CombinedPipeline" in code else "") + code)
         cmd = [sys.executable, str(script)]
     run(cmd, cwd=folder, env={"PATH": env_path})  # `python` in a block is this interpreter
 

@@ -8,6 +8,10 @@ import pytest
 
 from conftest import logged, model_args, run_script, state_dict_of
 
+# one test process for the whole module (-n 2): its tests take their module-scoped run by name
+# (request.getfixturevalue), which conftest.py cannot see when it groups the tests sharing one
+pytestmark = pytest.mark.xdist_group("test_training")
+
 STEPS = 40  # 8 samples in batches of 4: 2 steps per epoch, 20 epochs
 VALIDATION = ["--validation_prompts", "a red picture", "a blue picture", "--validation_epochs", 10]
 
