@@ -26,7 +26,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     run = startup.start_run(args, "decoder", lora=False)
-    ctx, log, precision = run.ctx, run.log, run.precision
+    log, precision = run.log, run.precision
 
     # ---- components: MoVQ and the CLIP image encoder are frozen
     c = decoder.load_components(args, precision)
@@ -43,9 +43,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     models.memory_efficient_attention(unet, args.enable_xformers_memory_efficient_attention, log)
-    # each batch is encoded and noised before the step; in this thread: its kernels already use every core
-    sampler, loader = data.build_loader(ds, decoder.sample_maker(args, c, shapes), args, ctx, run.seed,
-                                        prepare=decoder.batch_inputs(c, precision), buckets=shapes)
+    # each batch (one bucket's, with --enable_bucket) is encoded and noised before the step, in this thread
+    sampler, loader = decoder.build_loader(ds, args, c, run, shapes)
 
     # ---- optimizer, EMA, checkpoints; the loop resumes and runs
     trainable = [p for p in unet.parameters() if not p.stop_gradient]

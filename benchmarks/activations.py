@@ -8,7 +8,7 @@ layers (`--layers` per block or transformer; the UNet without its 1536-channel l
 Each configuration runs in a fresh process: one forward and backward through the scripts' own loss (prior.loss,
 decoder.loss) to allocate the gradients, then a second one, measured: the peak of Paddle's host allocator during it
 minus what was allocated before it (weights, gradients, inputs) is the activation memory. The plan's figure is
-memory_plan.prior_activations / unet_activations on the same model and configuration. GB = 1e9 bytes, fp32.
+activation_estimates.prior_activations / unet_activations on the same model and configuration. GB = 1e9 bytes, fp32.
 """
 import argparse
 import contextlib
@@ -57,12 +57,12 @@ def build(name, layers, size, lazy=False):
 
 def planned(model_name, batch, px, checkpointing, layers, size="real"):
     """The plan's activation bytes (fp32) for the configuration."""
-    from kandinsky_finetune import memory_plan
+    from kandinsky_finetune import activation_estimates
 
     model = build(model_name, layers, size, lazy=True)
     if model_name == "prior":
-        return 4 * batch * memory_plan.prior_activations(model, checkpointing)
-    return 4 * batch * memory_plan.unet_activations(model, px // MOVQ_FACTOR, checkpointing)
+        return 4 * batch * activation_estimates.prior_activations(model, checkpointing)
+    return 4 * batch * activation_estimates.unet_activations(model, px // MOVQ_FACTOR, checkpointing)
 
 
 def measure(model_name, batch, px, checkpointing, layers, size="real"):

@@ -73,8 +73,10 @@ def bucket_shapes(ds, args, log):
 def validation_sizes(args, shapes):
     """The (width, height) pairs validation generates at: the --resolution square, and with buckets the size most
     images trained at."""
-    square = (args.resolution, args.resolution)
-    return [square] + ([buckets.most_common(shapes)] if shapes and buckets.most_common(shapes) != square else [])
+    sizes = [(args.resolution, args.resolution)]
+    if shapes and buckets.most_common(shapes) not in sizes:
+        sizes.append(buckets.most_common(shapes))
+    return sizes
 
 
 def load_trained(c, precision):
@@ -102,7 +104,8 @@ def cached_dataset(ds, args, c, run):
 
     from . import cache
 
-    shape_of = (lambda size: buckets.bucket_of(size, args)) if args.enable_bucket else (lambda size: None)
+    candidates = buckets.sizes(args) if args.enable_bucket else None
+    shape_of = (lambda size: buckets.bucket_of(size, args, candidates)) if args.enable_bucket else (lambda size: None)
     if args.random_crop and any(data.crop_size(size, shape_of(size)) != size
                                 for size in data.image_sizes(ds, args.image_column)):
         run.log.warn("--cache_encoder_outputs: --random_crop of images larger than their crop (not square, or not of "
@@ -169,6 +172,13 @@ def sample_maker(args, c, shapes=None):
         return {**inputs, "noise": noise, "timestep": rng.integers(num_timesteps)}
 
     return make_sample
+
+
+def build_loader(ds, args, c, run, shapes):
+    """This rank's (sampler, loader) of decoder batches: samples from sample_maker at their bucket sizes (`shapes`,
+    or squares), prepared by batch_inputs in the training thread (the UNet's kernels already use every core)."""
+    return data.build_loader(ds, sample_maker(args, c, shapes), args, run.ctx, run.seed,
+                             prepare=batch_inputs(c, run.precision), buckets=shapes)
 
 
 def batch_inputs(c, precision):

@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 from conftest import model_args, run_script
-from kandinsky_finetune import memory_plan, models, params, tiny_models
+from kandinsky_finetune import activation_estimates, memory_plan, models, params, tiny_models
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -253,7 +253,7 @@ def test_prior_activations_scale_with_the_transformers_width_not_the_embeddings(
     def activations(**config):
         with models.lazy_init():
             prior = PriorTransformer(num_layers=2, num_embeddings=77, additional_embeddings=4, **config)
-        return memory_plan.prior_activations(prior, checkpointing=False)
+        return activation_estimates.prior_activations(prior, checkpointing=False)
 
     real = activations(num_attention_heads=32, attention_head_dim=64, embedding_dim=1280)
     assert real == activations(num_attention_heads=32, attention_head_dim=64, embedding_dim=640)
@@ -275,10 +275,10 @@ def test_unet_checkpointing_keeps_the_attention_layers_and_the_image_tokens_coun
         attention_layers = {0: 0, 1: 7, 2: 7, 3: 8}[level]  # 3 down + 4 up; the middle block's at the last level
         probabilities += attention_layers * (c // head_dim) * hw * (hw + 32)
         per_token += attention_layers * (c // head_dim) * hw
-    planned = memory_plan.unet_activations(unet, side, checkpointing=True)
+    planned = activation_estimates.unet_activations(unet, side, checkpointing=True)
     assert planned > probabilities
     unet.encoder_hid_proj.num_image_text_embeds = 10  # the config decides
-    assert planned - memory_plan.unet_activations(unet, side, checkpointing=True) == 22 * per_token
+    assert planned - activation_estimates.unet_activations(unet, side, checkpointing=True) == 22 * per_token
 
 
 def test_on_a_gpu_the_checkpoint_phase_writes_through_host_memory(tiny):
