@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random Kandinsky 2.2 repos and a tiny captioned imagefolder, built once per session,
-and a helper that runs the real scripts as a user would (a subprocess per run)."""
+and a helper that runs the real scripts as a user would, a process per run (`python file.py ...` forked from a process
+that has imported paddle already, see forked_runs.py; anything else in a new interpreter)."""
+import atexit
 import glob
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 # the scripts would take for the user's choice (cpu_threads.py)
 GIVEN_ENVIRONMENT = dict(os.environ)
 
+import forked_runs  # noqa: E402
 from kandinsky_finetune.tiny_models import build_tiny_kandinsky, write_tiny_dataset  # noqa: E402
 
 
@@ -32,16 +36,74 @@ def model_args(tiny, output_dir, *extra):
             "--output_dir", str(output_dir), *map(str, extra)]
 
 
-def run(cmd, cwd=ROOT, check=True, timeout=900, env=None):
-    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout,
-                          env={**GIVEN_ENVIRONMENT, **(env or {})})
+def run(cmd, cwd=ROOT, check=True, timeout=900, env=None, new_interpreter=False):
+    """Run `cmd` to its end (its stdout and stderr in the result). `python [-u] file.py ...` is forked from this test
+    process's forked_runs.py server unless `new_interpreter` (or the environment differs in what is read at import)."""
+    cmd = list(map(str, cmd))
+    full_env = {**GIVEN_ENVIRONMENT, **(env or {})}
+    argv = None if new_interpreter or cmd[0] != sys.executable else forked_runs.forkable(
+        cmd[1:], full_env, GIVEN_ENVIRONMENT)
+    if argv is not None:
+        proc = FORKED_RUNS.run(argv, cwd, full_env, timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def run_script(script, *args, check=True, cwd=ROOT, env=None):
-    return run([sys.executable, "-u", str(ROOT / script), *map(str, args)], cwd=cwd, check=check, env=env)
+class ForkedRuns:
+    """This test process's forked_runs.py server, started at its first run: a run costs a fork, not a new interpreter
+    importing paddle (~5 s of a ~6 s tiny run); `python_dir` holds a `python` that sends a shell's runs to it."""
+
+    def __init__(self):
+        self.folder = self.socket = self.server = None
+
+    def start(self):
+        if self.server is not None and self.server.poll() is None:
+            return
+        self.folder = tempfile.mkdtemp(prefix="forked-runs-")
+        self.socket = os.path.join(self.folder, "socket")
+        self.server = subprocess.Popen([sys.executable, forked_runs.__file__, "--serve", self.socket],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                       env=GIVEN_ENVIRONMENT)
+        atexit.register(self.server.kill)
+        assert self.server.stdout.readline().strip() == "ready", "tests/forked_runs.py --serve did not start"
+        shim = os.path.join(self.folder, "bin", "python")
+        os.makedirs(os.path.dirname(shim))
+        with open(shim, "w") as f:
+            f.write(f"#!/bin/sh\nexec '{sys.executable}' -S '{forked_runs.__file__}' --python '{self.socket}' \"$@\"\n")
+        os.chmod(shim, 0o755)
+
+    @property
+    def python_dir(self):
+        """A folder whose `python` runs as this interpreter does, forked from the server when it can be."""
+        self.start()
+        return os.path.join(self.folder, "bin")
+
+    def run(self, argv, cwd, env, timeout):
+        self.start()
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull) as stdin:
+            sock, pid = forked_runs.start_run(self.socket, argv, cwd, env, [stdin.fileno(), out.fileno(),
+                                                                              err.fileno()])
+            sock.settimeout(timeout)
+            try:
+                code = forked_runs.returncode(sock)
+            except TimeoutError:
+                os.kill(pid, 9)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(argv, code, out.read().decode(errors="replace"),
+                                               err.read().decode(errors="replace"))
+
+
+FORKED_RUNS = ForkedRuns()
+
+
+def run_script(script, *args, check=True, cwd=ROOT, env=None, new_interpreter=False):
+    return run([sys.executable, "-u", str(ROOT / script), *map(str, args)], cwd=cwd, check=check, env=env,
+               new_interpreter=new_interpreter)
 
 
 def logged(output_dir, tag="train_loss"):

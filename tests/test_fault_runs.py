@@ -111,7 +111,9 @@ def assert_same(a, b, atol=1e-5):
 def reference(tiny, tmp_path_factory):
     """The uninterrupted run every interrupted one must end equal to."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    run_script(PRIOR, *model_args(tiny, out, *COMMON, "--checkpointing_steps", 1000))
+    # a new interpreter, as the runs it is compared with (started here to be killed) and their resumes: the same
+    # kernel threads, so the same sums
+    run_script(PRIOR, *model_args(tiny, out, *COMMON, "--checkpointing_steps", 1000), new_interpreter=True)
     return out
 
 
@@ -167,7 +169,7 @@ def test_stop_signal_writes_a_checkpoint_at_the_current_step_then_resume_is_exac
     step = int(m.group(1))
     assert m.group(2) == str(out / f"checkpoint-{step}") and checkpoints(out) == [f"checkpoint-{step}"]
     assert step < STEPS and not (out / "model_index.json").exists()
-    proc = run_script(PRIOR, *args, "--resume_from_checkpoint", "latest")
+    proc = run_script(PRIOR, *args, "--resume_from_checkpoint", "latest", new_interpreter=True)
     assert f"at step {step}" in proc.stderr
     assert_same(out / "prior", reference / "prior")
 

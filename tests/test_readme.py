@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import FORKED_RUNS, ROOT, run
 
 OVERRIDES = " --max_train_steps=2 --resolution=64 --checkpointing_steps=1"
 DEMO_OVERRIDES = " --steps 2"
@@ -111,7 +111,8 @@ def user_folder(tiny, tmp_path):
 
 
 def run_block(folder, language, code, name):
-    env_path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    # `python` in a block is this interpreter, its `python file.py` runs forked from one that imported paddle already
+    env_path = os.pathsep.join([FORKED_RUNS.python_dir, os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if language == "bash":
         script = folder / f"{name}.sh"
         script.write_text("set -e\n" + adapt_shell(code))
@@ -120,7 +121,7 @@ def run_block(folder, language, code, name):
         script = folder / f"{name}.py"
         script.write_text((FAST_SAMPLING + "\n" if "KandinskyV22CombinedPipeline" in code else "") + code)
         cmd = [sys.executable, str(script)]
-    run(cmd, cwd=folder, env={"PATH": env_path})  # `python` in a block is this interpreter
+    run(cmd, cwd=folder, env={"PATH": env_path})
 
 
 def check_readme_part_1(folder):
