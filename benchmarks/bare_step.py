@@ -6,7 +6,9 @@ On the benchmark's tiny "reference" models (benchmarks/run.py builds them, or re
 the bare step is the prior's forward, loss, backward, AdamW step and clear_grad on a few batches encoded beforehand,
 nothing else, with the script's CPU threads per kernel; the script is train_text_to_image_prior.py
 --cache_encoder_outputs run as benchmarks/run.py runs it. Both rates are steady steps/s (the first 3 steps left out,
-the same clock as the script's `time:` line); runs of the two alternate, and the medians and their ratio are printed.
+the same clock as the script's `time:` line); runs of the two alternate, and the medians are printed, with the median of
+each repeat's script/bare ratio (its two runs back to back, so the machine's speed, which drifts over minutes on shared
+machines, cancels out).
 """
 import argparse
 import itertools
@@ -84,11 +86,14 @@ def main():
             rates[kind].append(rate)
             print(f"  {kind}: {rate:.2f} steps/s", file=sys.stderr, flush=True)
     bare, full = statistics.median(rates["bare"]), statistics.median(rates["script"])
+    # each repeat's two runs are back to back: their ratio is free of the machine's drift over the minutes
+    ratios = [s / b for s, b in zip(rates["script"], rates["bare"])]
     print(f"{os.cpu_count()} CPU(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, batch 2, {args.steps} steps "
           f"per run, median of {args.repeats}")
     print(f"bare step: {bare:.2f} steps/s")
     print(f"cached prior script: {full:.2f} steps/s")
-    print(f"script / bare step: {full / bare:.2f}")
+    print(f"script / bare step: {statistics.median(ratios):.2f} (median of the repeats' ratios: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; ratio of the medians {full / bare:.2f})")
     print(f"took {time.time() - started:.0f} s")
 
 

@@ -319,7 +319,9 @@ def test_cached_rows_read_from_arrow_are_what_datasets_gives():
                                      "size": [[i, 2 * i] for i in range(8)], "caption_is_list": [i % 2 == 0 for i in range(8)],
                                      "timestep": list(range(8))}, features=features).with_format("numpy")
     # (a dataset with an index mapping, as select/shuffle make, keeps datasets' reader: None)
-    for part in ds, ds.shard(2, 1, contiguous=True), ds.select([1, 2]):
+    concatenated = datasets.concatenate_datasets([ds, ds.shard(2, 1, contiguous=True)]).with_format("numpy")
+    assert len(concatenated.data.column("latents").chunks) == 2  # rows are looked up across chunks, sliced ones too
+    for part in ds, ds.shard(2, 1, contiguous=True), ds.select([1, 2]), concatenated:
         row = numeric_rows(part)
         assert row is not None
         for i in range(len(part)):
