@@ -4,6 +4,7 @@ that has imported paddle already, see forked_runs.py; anything else in a new int
 import atexit
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,12 +64,17 @@ class ForkedRuns:
         if self.server is not None and self.server.poll() is None:
             return
         self.folder = tempfile.mkdtemp(prefix="forked-runs-")
+        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)  # (after the kill below: atexit runs LIFO)
         self.socket = os.path.join(self.folder, "socket")
         self.server = subprocess.Popen([sys.executable, forked_runs.__file__, "--serve", self.socket],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
                                        env=GIVEN_ENVIRONMENT)
         atexit.register(self.server.kill)
-        assert self.server.stdout.readline().strip() == "ready", "tests/forked_runs.py --serve did not start"
+        for line in self.server.stdout:  # (anything an import prints comes before)
+            if line.strip() == "ready":
+                break
+        else:
+            raise RuntimeError("tests/forked_runs.py --serve ended before it was ready")
         shim = os.path.join(self.folder, "bin", "python")
         os.makedirs(os.path.dirname(shim))
         with open(shim, "w") as f:
