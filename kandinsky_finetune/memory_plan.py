@@ -111,12 +111,14 @@ def build(args, kind, lora, device=None, processes=1):
     # the decoder trains without its cache on non-square images with --random_crop (decoder.cached_dataset), which
     # the plan cannot see: it keeps the encoders then, as the run will
     uncacheable = cached and kind == "decoder" and getattr(args, "random_crop", False)
+    # the decoder's training size: the largest bucket with --enable_bucket (the prior scripts have no such flag)
+    bucket = largest_bucket(args) if getattr(args, "enable_bucket", False) else None
 
     if kind == "prior":
         activations = prior_activations(models["prior"], args.gradient_checkpointing)
     else:
         factor = 2 ** (len(models["movq"].config["block_out_channels"]) - 1)
-        width, height = largest_bucket(args) if getattr(args, "enable_bucket", False) else (args.resolution,) * 2
+        width, height = bucket or (args.resolution,) * 2
         activations = unet_activations(models["unet"], (height // factor, width // factor), args.gradient_checkpointing)
     activations *= batch * act_bytes
 
@@ -170,8 +172,8 @@ def build(args, kind, lora, device=None, processes=1):
                      "none: cached" if cached and not uncacheable else "encoded before the step, not during it")
 
     plan = Plan(f"{'GPU' if gpu else 'CPU'}, {args.mixed_precision + ' autocast' if half else 'fp32'}, batch {batch}"
-                + (f", {args.resolution} px" if kind == "decoder" and not getattr(args, "enable_bucket", False) else
-                   ", largest bucket {}x{} px".format(*largest_bucket(args)) if kind == "decoder" else "")
+                + ("" if kind != "decoder" else ", largest bucket {}x{} px".format(*bucket) if bucket else
+                   f", {args.resolution} px")
                 + (f", one of {processes} processes" if processes > 1 else "")
                 + (f", --sharding {stage}" if stage else ""))
     if cached:  # the scripts load the trained model once the encoders are released

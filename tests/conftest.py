@@ -43,7 +43,7 @@ def run(cmd, cwd=ROOT, check=True, timeout=900, env=None, new_interpreter=False)
     cmd = list(map(str, cmd))
     full_env = {**GIVEN_ENVIRONMENT, **(env or {})}
     argv = None if new_interpreter or cmd[0] != sys.executable else forked_runs.forkable(
-        cmd[1:], full_env, GIVEN_ENVIRONMENT)
+        cmd[1:], full_env, GIVEN_ENVIRONMENT, str(cwd))
     if argv is not None:
         proc = FORKED_RUNS.run(argv, cwd, full_env, timeout)
     else:
@@ -97,6 +97,7 @@ class ForkedRuns:
                 code = forked_runs.returncode(sock)
             except TimeoutError:
                 os.kill(pid, 9)
+                sock.close()
                 raise subprocess.TimeoutExpired(argv, timeout)
             out.seek(0)
             err.seek(0)

@@ -9,7 +9,9 @@ gives, without the ~5 s a new interpreter spends importing them (most of a run o
 A run comes here only when its environment differs from the server's in nothing read at import (SAFE_TO_DIFFER), and
 only `python [-u] file.py ...`; anything else runs in a new interpreter. What still differs from a new interpreter:
 Paddle's CPU kernels use the one thread the server's paddle import gave them (cpu_threads.py logs "paddle was
-imported first"), a speed, not a result, and what each of the two test processes running side by side has anyway.
+imported first"): slower, and sums taken in another order, so weights differ in the last digits (~1e-5 on the tiny
+prior) from a new interpreter's. A test comparing weights with a run it starts itself (to kill it) runs its own
+in new interpreters too (conftest.run's `new_interpreter`).
 """
 import json
 import os
@@ -23,12 +25,12 @@ import threading
 SAFE_TO_DIFFER = {"PATH", "PWD", "OLDPWD", "SHLVL", "_", "DATASET_NAME", "TRAIN_DIR"}
 
 
-def forkable(argv, env, server_env):
-    """The script's argv when `python argv...` can be forked from the server, else None."""
+def forkable(argv, env, server_env, cwd):
+    """The script's argv when `python argv...` run in `cwd` can be forked from the server, else None."""
     options = list(argv)
     while options and options[0] == "-u":
         options.pop(0)
-    if not options or not options[0].endswith(".py") or not os.path.isfile(options[0]):
+    if not options or not options[0].endswith(".py") or not os.path.isfile(os.path.join(cwd, options[0])):
         return None
     differing = {k for k in set(env) | set(server_env) if env.get(k) != server_env.get(k)}
     return options if differing <= SAFE_TO_DIFFER else None
@@ -142,7 +144,7 @@ def as_python(socket_path, args):
     import signal
 
     with open(socket_path + ".env") as f:
-        argv = forkable(args, dict(os.environ), json.load(f))
+        argv = forkable(args, dict(os.environ), json.load(f), os.getcwd())
     if argv is None:
         os.execv(sys.executable, [sys.executable, *args])
     sock, pid = start_run(socket_path, argv, os.getcwd(), dict(os.environ), [0, 1, 2])
