@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Kandinsky 2.2 repos and a tiny captioned imagefolder, built once per session,
-and a helper that runs the real scripts as a user would, a process per run (`python file.py ...` forked from a process
-that has imported paddle already, see forked_runs.py; anything else in a new interpreter)."""
+and a helper that runs the real scripts as a user would, a process per run (`python file.py ...` and
+`python -m paddle.distributed.launch ...`, with its workers, forked from a process that has imported paddle already,
+see forked_runs.py; anything else in a new interpreter)."""
 import atexit
 import glob
 import os
@@ -38,8 +39,9 @@ def model_args(tiny, output_dir, *extra):
 
 
 def run(cmd, cwd=ROOT, check=True, timeout=900, env=None, new_interpreter=False):
-    """Run `cmd` to its end (its stdout and stderr in the result). `python [-u] file.py ...` is forked from this test
-    process's forked_runs.py server unless `new_interpreter` (or the environment differs in what is read at import)."""
+    """Run `cmd` to its end (its stdout and stderr in the result). `python [-u] file.py ...` and a launch are forked
+    from this test process's forked_runs.py server unless `new_interpreter` (or the environment differs in what is
+    read at import)."""
     cmd = list(map(str, cmd))
     full_env = {**GIVEN_ENVIRONMENT, **(env or {})}
     argv = None if new_interpreter or cmd[0] != sys.executable else forked_runs.forkable(
@@ -75,17 +77,12 @@ class ForkedRuns:
                 break
         else:
             raise RuntimeError("tests/forked_runs.py --serve ended before it was ready")
-        shim = os.path.join(self.folder, "bin", "python")
-        os.makedirs(os.path.dirname(shim))
-        with open(shim, "w") as f:
-            f.write(f"#!/bin/sh\nexec '{sys.executable}' -S '{forked_runs.__file__}' --python '{self.socket}' \"$@\"\n")
-        os.chmod(shim, 0o755)
 
     @property
     def python_dir(self):
         """A folder whose `python` runs as this interpreter does, forked from the server when it can be."""
         self.start()
-        return os.path.join(self.folder, "bin")
+        return os.path.dirname(forked_runs.python_path(self.socket))
 
     def run(self, argv, cwd, env, timeout):
         self.start()

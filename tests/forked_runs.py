@@ -7,7 +7,9 @@ gives, without the ~5 s a new interpreter spends importing them (most of a run o
     python -S tests/forked_runs.py --python SOCKET [-u] script.py args...   # `python` for a shell (see conftest.py)
 
 A run comes here only when its environment differs from the server's in nothing read at import (SAFE_TO_DIFFER), and
-only `python [-u] file.py ...`; anything else runs in a new interpreter. What still differs from a new interpreter:
+only `python [-u] file.py ...` or `python -m paddle.distributed.launch ...`; anything else runs in a new interpreter.
+A forked launcher starts its workers with the shell's `python` (the server's `--python` argument), so they are forked
+too: a worker's environment differs from the launcher's only in what the launcher sets for it (LAUNCHER_SETS). What still differs from a new interpreter:
 Paddle's CPU kernels use the one thread the server's paddle import gave them (cpu_threads.py logs "paddle was
 imported first"): slower, and sums taken in another order, so weights differ in the last digits (~1e-5 on the tiny
 prior) from a new interpreter's. A test comparing weights with a run it starts itself (to kill it) runs its own
@@ -23,16 +25,25 @@ import threading
 # variables nothing reads while paddle, ppdiffusers, paddlenlp and datasets are imported (their caches, flags and
 # thread counts are read then): a shell's own, the tests' PATH, and the shell variables the READMEs export
 SAFE_TO_DIFFER = {"PATH", "PWD", "OLDPWD", "SHLVL", "_", "DATASET_NAME", "TRAIN_DIR"}
+# what paddle.distributed.launch adds to a worker's environment: the PADDLE_* rendezvous variables (read when the
+# worker joins the group, not at import), and what importing paddle and cv2 set in the launcher (OMP_NUM_THREADS=1,
+# the one thread the server's kernels have; cv2's library and Qt paths, read by nothing once loaded)
+LAUNCHER_SETS = {"POD_NAME", "CUSTOM_DEVICE_ROOT", "LD_LIBRARY_PATH", "QT_QPA_FONTDIR", "QT_QPA_PLATFORM_PLUGIN_PATH"}
+LAUNCHER = ["-m", "paddle.distributed.launch"]
 
 
 def forkable(argv, env, server_env, cwd):
-    """The script's argv when `python argv...` run in `cwd` can be forked from the server, else None."""
+    """The run's argv (without -u) when `python argv...` run in `cwd` can be forked from the server, else None."""
     options = list(argv)
     while options and options[0] == "-u":
         options.pop(0)
-    if not options or not options[0].endswith(".py") or not os.path.isfile(os.path.join(cwd, options[0])):
+    if options[:2] != LAUNCHER and (not options or not options[0].endswith(".py")
+                                    or not os.path.isfile(os.path.join(cwd, options[0]))):
         return None
     differing = {k for k in set(env) | set(server_env) if env.get(k) != server_env.get(k)}
+    if "PADDLE_TRAINER_ID" in env and options[:2] != LAUNCHER:  # a launched worker
+        differing = {k for k in differing if not k.startswith("PADDLE_") and k not in LAUNCHER_SETS
+                     and not (k == "OMP_NUM_THREADS" and env[k] == "1" and k not in server_env)}
     return options if differing <= SAFE_TO_DIFFER else None
 
 
@@ -95,15 +106,36 @@ def become(request, fds):
     sys.stdin = open(0, closefd=False)
     sys.stdout.reconfigure(write_through=True)  # -u: each write reaches the file or pipe at once
     sys.stderr.reconfigure(write_through=True)
-    sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
     import runpy
 
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    if request["argv"][:2] == LAUNCHER:  # its workers start as `sys.executable -u script ...`: forked too
+        sys.executable = request["python"]  # (the server's own `python`, see serve)
+        sys.argv = [LAUNCHER[1], *request["argv"][2:]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(LAUNCHER[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(request["argv"])
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+        runpy.run_path(sys.argv[0], run_name="__main__")
     sys.exit(0)
 
 
 def report_exit(pid, conn):
+    """Send the run's exit code to its client; a client that goes away first (killed, timed out) takes the run with
+    it, as a killed launcher's worker or a killed `python` would not leave a run behind."""
+    ended = threading.Lock()
+
+    def end_with_client():
+        try:
+            conn.recv(1)  # the client sends nothing more: this returns when it closes
+        except OSError:
+            pass
+        if ended.acquire(blocking=False):
+            os.kill(pid, 9)
+
+    threading.Thread(target=end_with_client, daemon=True).start()
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped: its pid cannot be another's yet
+    ended.acquire(blocking=False)
     _, status = os.waitpid(pid, 0)
     try:
         send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
@@ -112,9 +144,19 @@ def report_exit(pid, conn):
     conn.close()
 
 
+def python_path(socket_path):
+    """The server's `python` for a shell (and for the workers of a launcher it forks)."""
+    return os.path.join(os.path.dirname(socket_path), "bin", "python")
+
+
 def serve(socket_path):
     with open(socket_path + ".env", "w") as f:  # as started: importing paddle sets OMP_NUM_THREADS
         json.dump(dict(os.environ), f)
+    python = python_path(socket_path)
+    os.makedirs(os.path.dirname(python), exist_ok=True)
+    with open(python, "w") as f:
+        f.write(f"#!/bin/sh\nexec '{sys.executable}' -S '{os.path.abspath(__file__)}' --python '{socket_path}' \"$@\"\n")
+    os.chmod(python, 0o755)
     preload()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
@@ -130,7 +172,7 @@ def serve(socket_path):
         if pid == 0:
             server.close()
             conn.close()
-            become(request, fds)
+            become({**request, "python": python}, fds)
         for fd in fds:
             os.close(fd)
         send(conn, {"pid": pid})
@@ -151,6 +193,10 @@ def as_python(socket_path, args):
     for signum in (signal.SIGINT, signal.SIGTERM):  # a signal to this process reaches the run
         signal.signal(signum, lambda s, _: os.kill(pid, s))
     code = returncode(sock)
+    if code < 0:  # ended by a signal: so does this process, for whoever waits for it (a launcher)
+        if -code in (signal.SIGINT, signal.SIGTERM):  # (the others are uncaught here or cannot be)
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
     sys.exit(code if code >= 0 else 128 - code)
 
 

@@ -45,8 +45,8 @@ def test_batch_of_4_equals_2_processes_with_batches_of_2(tiny, tmp_path, batch_o
     out = tmp_path / "b2x2"
     proc = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
                 str(tmp_path / "log"), str(ROOT / "train_text_to_image_prior.py"),
-                *model_args(tiny, out, *COMMON, "--train_batch_size", 2)],
-               cwd=tmp_path, check=False, env={"HF_DATASETS_CACHE": str(tmp_path / "hf")})
+                *model_args(tiny, out, *COMMON, "--train_batch_size", 2, "--cache_dir", tmp_path / "hf")],
+               cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + "".join(
         (tmp_path / "log" / f"workerlog.{r}").read_text()[-2000:] for r in (0, 1) if (tmp_path / "log").is_dir())
     assert "2 process(es)" in (tmp_path / "log" / "workerlog.0").read_text()

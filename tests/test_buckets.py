@@ -230,8 +230,8 @@ def test_two_processes_with_cached_buckets_train_like_one(tiny, tmp_path, photos
     out = tmp_path / "two"
     flags = [*photos_run.flags, "--train_batch_size", 1, "--cache_encoder_outputs"]  # (the later value wins)
     proc = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-                str(tmp_path / "log"), str(ROOT / DECODER), *model_args(tiny, out, *flags)],
-               cwd=tmp_path, check=False, env={"HF_DATASETS_CACHE": str(tmp_path / "hf")})
+                str(tmp_path / "log"), str(ROOT / DECODER), *model_args(tiny, out, *flags, "--cache_dir", tmp_path / "hf")],
+               cwd=tmp_path, check=False)
     logs = "".join((tmp_path / "log" / f"workerlog.{r}").read_text()[-3000:] for r in (0, 1)
                    if (tmp_path / "log" / f"workerlog.{r}").is_file())
     assert proc.returncode == 0, proc.stdout[-2000:] + logs

@@ -28,8 +28,9 @@ def test_two_process_launch(tiny, tmp_path, script, model, extra):
     proc = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
                 str(tmp_path / "log"), str(ROOT / script),
                 *model_args(tiny, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 2,
-                            "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3, *extra)],
-               cwd=tmp_path, check=False, env={"HF_DATASETS_CACHE": str(tmp_path / "hf")})
+                            "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3, *extra,
+                            "--cache_dir", tmp_path / "hf")],
+               cwd=tmp_path, check=False)
     logs = {name: (tmp_path / "log" / name).read_text() for name in ("workerlog.0", "workerlog.1")}
     assert proc.returncode == 0, proc.stdout[-3000:] + logs["workerlog.0"][-3000:] + logs["workerlog.1"][-3000:]
     if "--cache_encoder_outputs" in extra:

@@ -61,3 +61,45 @@ def test_a_shells_python_forks_what_it_can(tmp_path):
     assert lines[:4] == ["paddle imported before the run: True", "argv: ['0', 'a']", f"cwd: {tmp_path}", "TRAIN_DIR: y"]
     assert lines[4] == "paddle imported before the run: False"  # FROM_HF_HUB is read at import: a new interpreter
     assert lines[-2:] == ["exit 5", "['-c', 'c']"]
+
+
+def test_a_forked_launch_forks_its_workers(tmp_path):
+    """`python -m paddle.distributed.launch` is forked, and starts its workers with the server's `python`: each rank
+    forked, with the launcher's environment for it; a failing rank fails the launch as it would have."""
+    show = write_show(tmp_path)
+    proc = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir", tmp_path / "log",
+                show, 0], cwd=tmp_path)
+    for rank in (0, 1):
+        log = (tmp_path / "log" / f"workerlog.{rank}").read_text()
+        assert "paddle imported before the run: True" in log and "argv: ['0']" in log, log
+    assert "Exit code 0" in proc.stderr
+    failed = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", 2, "--log_dir",
+                  tmp_path / "log2", show, 4], cwd=tmp_path, check=False)
+    assert failed.returncode != 0
+
+
+def test_a_run_ends_with_its_client_and_a_signal_death_is_passed_on(tmp_path):
+    """A client that goes away (a killed `python`, a launcher's killed worker) takes its forked run with it; a run
+    ended by a signal ends the shell's `python` by the same signal, as the launcher expects of a worker."""
+    import signal
+    import time
+
+    import forked_runs
+
+    sleeper = tmp_path / "sleep.py"
+    sleeper.write_text("import time\ntime.sleep(600)\n")
+    FORKED_RUNS.start()
+    with open(os.devnull) as null:
+        sock, pid = forked_runs.start_run(FORKED_RUNS.socket, [str(sleeper)], tmp_path, GIVEN_ENVIRONMENT,
+                                          [null.fileno()] * 3)
+    sock.close()
+    for _ in range(600):  # (at most a minute; the run would sleep ten)
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")
+    killer = tmp_path / "kill_self.py"
+    killer.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    python = os.path.join(FORKED_RUNS.python_dir, "python")
+    proc = subprocess.run([python, "-u", str(killer)], cwd=tmp_path, env=GIVEN_ENVIRONMENT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
