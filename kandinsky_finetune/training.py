@@ -106,7 +106,8 @@ class Loop:
         return no_sync_unless(self._last, self.model)
 
     def backward(self, loss):
-        loss = loss / self._group
+        if self._group > 1:  # (divided by 1 it is the same loss and gradient, with one op more each way)
+            loss = loss / self._group
         self.precision.backward(loss)
         self._losses.append(loss.detach())  # read in _step, once per optimizer step: on a GPU each read is a wait
 
@@ -175,6 +176,7 @@ class Loop:
         """checkpoint-<step> (checkpoint.write_from_loop); its path on rank 0, None on the other ranks."""
         from .checkpoint import write_from_loop
 
+        self.tracker.flush(to_disk=True)  # the log on disk has every step up to the checkpoint
         return write_from_loop(self)
 
     def paused(self):

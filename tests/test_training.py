@@ -136,6 +136,26 @@ def test_steady_speed_counts_training_time_only(monkeypatch):
     assert clock.seconds["training"] == pytest.approx(10)
 
 
+def test_every_steps_scalars_reach_the_log_and_a_checkpoint_writes_them_to_disk(tmp_path):
+    """The tracker gets the scalars in batches (tracking.Tracker): every step's value still reaches the log, in
+    order; flush(to_disk=True), as each checkpoint calls it, puts them on disk while the run goes on."""
+    from types import SimpleNamespace
+
+    from kandinsky_finetune import tracking
+
+    args = SimpleNamespace(report_to="visualdl", output_dir=str(tmp_path), logging_dir="logs",
+                           tracker_project_name="run")
+    tracker = tracking.Tracker(args, True)
+    losses = [np.float32(step / 1000) for step in range(1, 251)]
+    for step, loss in enumerate(losses, 1):
+        tracker.scalars({"train_loss": float(loss), "lr": 1e-4}, step)
+    tracker.flush(to_disk=True)
+    assert logged(tmp_path) == losses  # (the writer still open)
+    tracker.scalars({"train_loss": 0.5, "lr": 1e-4}, 251)
+    tracker.close()
+    assert logged(tmp_path) == losses + [0.5]
+
+
 def test_runs_print_no_library_warnings_users_cannot_act_on(tiny, tmp_path):
     """Paddle's ccache notice, setuptools' distutils notice and the combined pipeline's own callback_steps
     deprecation (during validation) stay out of a run's output."""
