@@ -8,11 +8,11 @@ gives, without the ~5 s a new interpreter spends importing them (most of a run o
 
 A run comes here only when its environment differs from the server's in nothing read at import (SAFE_TO_DIFFER), and
 only `python [-u] file.py ...` or `python -m paddle.distributed.launch ...`; anything else runs in a new interpreter.
-A forked launcher starts its workers with the shell's `python` (the server's `--python` argument), so they are forked
-too: a worker's environment differs from the launcher's only in what the launcher sets for it (LAUNCHER_SETS). What still differs from a new interpreter:
-Paddle's CPU kernels use the one thread the server's paddle import gave them (cpu_threads.py logs "paddle was
-imported first"): slower, and sums taken in another order, so weights differ in the last digits (~1e-5 on the tiny
-prior) from a new interpreter's. A test comparing weights with a run it starts itself (to kill it) runs its own
+A forked launcher starts its workers with the server's `python` for a shell (python_path), so they are forked too: a
+worker's environment differs from the launcher's only in what the launcher sets for it (LAUNCHER_SETS).
+What still differs from a new interpreter: Paddle's CPU kernels use the one thread the server's paddle import gave
+them (cpu_threads.py logs "paddle was imported first"): slower, and sums taken in another order, so weights differ in
+the last digits (~1e-5 on the tiny prior) from a new interpreter's (launched workers have one thread each anyway). A test comparing weights with a run it starts itself (to kill it) runs its own
 in new interpreters too (conftest.run's `new_interpreter`).
 """
 import json
@@ -155,7 +155,8 @@ def serve(socket_path):
     python = python_path(socket_path)
     os.makedirs(os.path.dirname(python), exist_ok=True)
     with open(python, "w") as f:
-        f.write(f"#!/bin/sh\nexec '{sys.executable}' -S '{os.path.abspath(__file__)}' --python '{socket_path}' \"$@\"\n")
+        f.write(f"#!/bin/sh\nexec '{sys.executable}' -S '{os.path.abspath(__file__)}' --python '{socket_path}' "
+                '"$@"\n')
     os.chmod(python, 0o755)
     preload()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
