@@ -9,10 +9,18 @@ nothing else, with the script's CPU threads per kernel; the script is train_text
 the same clock as the script's `time:` line); runs of the two alternate, and the medians are printed, with the median of
 each repeat's script/bare ratio (its two runs back to back, so the machine's speed, which drifts over minutes on shared
 machines, cancels out).
+
+    python benchmarks/bare_step.py --pieces [--block 40] [--blocks 30]
+
+Where the loop's time goes instead: in this one process, the bare step and the bare step with the loop's pieces added one
+at a time (clipping; reading the loss and the schedule; the cached batches built as the script builds them; the
+tracker), run in alternating blocks of --block steps, so the drift cancels out within each block pair; printed as each
+one's speed over the bare step's (median of the blocks, with quartiles).
 """
 import argparse
 import itertools
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -64,11 +72,88 @@ def bare_steps_per_second(c, args, precision, batches, steps):
     return clock.steady_steps_per_second()
 
 
+PIECES = ("bare step", "+ clipping", "+ loss read, schedule", "+ cached batches", "+ tracker")
+
+
+def pieces_loops(c, args, precision, batches, workdir):
+    """{name: steps(n)} for each of PIECES, each with the pieces before it: n training steps of the prior."""
+    from types import SimpleNamespace
+
+    import paddle
+
+    from kandinsky_finetune import data as data_lib, prior, tracking
+    from kandinsky_finetune.optimization import build_optimizer, clip_gradients
+
+    ctx = SimpleNamespace(rank=0, world_size=1, is_main=True)
+    run = SimpleNamespace(ctx=ctx, log=tracking.Log(False), seed=0, precision=precision, clock=tracking.Stopwatch())
+    args.cache_dir = os.path.join(workdir, "reference", "hf-datasets-cache")  # (the script runs' encoder cache)
+    tracker_dir = os.path.join(workdir, "reference", "pieces-tracker")
+    shutil.rmtree(tracker_dir, ignore_errors=True)
+    cached = prior.cached_dataset(data_lib.load_train_dataset(args, 0, [args.image_column, args.caption_column]),
+                                  args, c, run)
+    c.prior.train()
+    trainable = [p for p in c.prior.parameters() if not p.stop_gradient]
+    args.max_train_steps, args.learning_rate = 10 ** 9, 1e-4
+    loops = {}
+    for level, name in enumerate(PIECES):
+        if level < 2:
+            optimizer, schedule = paddle.optimizer.AdamW(
+                learning_rate=1e-4, parameters=trainable, beta1=args.adam_beta1, beta2=args.adam_beta2,
+                epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay), None
+        else:
+            optimizer, schedule = build_optimizer(trainable, args, SimpleNamespace(batches_per_epoch=1))
+        source = itertools.cycle(batches)
+        if level >= 3:
+            _, loader = data_lib.build_loader(cached, prior.sample_maker(args, c), args, ctx, 0,
+                                              prepare=prior.batch_inputs(c, precision))
+            source = loader.epochs(0, 0, 10 ** 9)
+        tracker = tracking.Tracker(SimpleNamespace(report_to="visualdl", output_dir=tracker_dir, logging_dir="logs",
+                                                   tracker_project_name="pieces"), level >= 4)
+
+        def steps(n, level=level, optimizer=optimizer, schedule=schedule, source=source, tracker=tracker):
+            for batch in itertools.islice(source, n):
+                loss = prior.loss(c, c.prior, batch, args.snr_gamma, precision)
+                loss.backward()
+                if level >= 1:
+                    clip_gradients([p.grad for p in trainable], args.max_grad_norm)
+                value = paddle.stack([loss.detach()]).numpy().tolist()[0] if level >= 2 else None
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+                optimizer.clear_grad(set_to_zero=False)
+                tracker.scalars({"train_loss": value, "lr": 1e-4}, 1)
+
+        loops[name] = steps
+    return loops
+
+
+def print_pieces(loops, block, blocks):
+    for steps in loops.values():
+        steps(3)  # warm-up
+    seconds = {name: [] for name in loops}
+    for b in range(blocks):
+        for name in (PIECES if b % 2 == 0 else PIECES[::-1]):
+            start = time.perf_counter()
+            loops[name](block)
+            seconds[name].append(time.perf_counter() - start)
+    print(f"{os.cpu_count()} CPU(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, batch 2, "
+          f"{blocks} alternating blocks of {block} steps")
+    for name in PIECES:
+        speeds = [bare / t for bare, t in zip(seconds[PIECES[0]], seconds[name])]
+        low, _, high = statistics.quantiles(speeds, n=4) if len(speeds) > 1 else speeds * 3
+        print(f"{name}: {block / statistics.median(seconds[name]):.2f} steps/s, {statistics.median(speeds):.3f} of the "
+              f"bare step (quartiles {low:.3f}-{high:.3f})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=os.path.join(bench.ROOT, "benchmark_output"))
     parser.add_argument("--steps", type=int, default=200, help="Optimizer steps per run, of each.")
     parser.add_argument("--repeats", type=int, default=3, help="Runs of each; the medians are printed.")
+    parser.add_argument("--pieces", action="store_true",
+                        help="Add the loop's pieces to the bare step one at a time instead of running the script.")
+    parser.add_argument("--block", type=int, default=40, help="With --pieces: steps per block.")
+    parser.add_argument("--blocks", type=int, default=30, help="With --pieces: blocks of each.")
     args = parser.parse_args()
     from kandinsky_finetune.tracking import quiet_libraries
 
@@ -76,6 +161,10 @@ def main():
     started = time.time()
     prior_repo, decoder_repo, data = bench.build(args.workdir, "reference")
     components = encoded_batches(prior_repo, decoder_repo, data, 4)
+    if args.pieces:
+        print_pieces(pieces_loops(*components, args.workdir), args.block, args.blocks)
+        print(f"took {time.time() - started:.0f} s")
+        return
     out = os.path.join(args.workdir, "reference", "prior-cached")
     hf_cache = os.path.join(args.workdir, "reference", "hf-datasets-cache")
     rates = {"bare": [], "script": []}

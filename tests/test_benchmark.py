@@ -64,6 +64,17 @@ def test_bare_step_prints_the_bare_step_beside_the_script(tmp_path):
     assert float(ratio[1]) == float(ratio[2]) == pytest.approx(float(script[1]) / float(bare[1]), abs=0.01)
 
 
+def test_bare_step_adds_the_loops_pieces_one_at_a_time(tmp_path):
+    proc = run([sys.executable, str(ROOT / "benchmarks" / "bare_step.py"), "--workdir", str(tmp_path), "--pieces",
+                "--block", "2", "--blocks", "2"])
+    rows = re.findall(r"^(bare step|\+ [\w ,]+): ([\d.]+) steps/s, ([\d.]+) of the bare step "
+                      r"\(quartiles ([\d.]+)-([\d.]+)\)$", proc.stdout, re.M)
+    assert [name for name, *_ in rows] == ["bare step", "+ clipping", "+ loss read, schedule", "+ cached batches",
+                                           "+ tracker"], proc.stdout
+    assert all(float(rate) > 0 and float(low) <= float(speed) <= float(high) for _, rate, speed, low, high in rows)
+    assert float(rows[0][2]) == 1.0  # the bare step against itself
+
+
 def test_activation_benchmark_measures_and_plans_each_configuration(tmp_path):
     """benchmarks/activations.py's code path on the tiny models: each configuration measured in its own process and
     printed beside the plan's estimate."""
