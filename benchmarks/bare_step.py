@@ -53,16 +53,19 @@ def encoded_batches(prior_repo, decoder_repo, data, count):
     return c, args, precision, list(itertools.islice(loader.epochs(0, 0, 10 ** 6), count))
 
 
-def bare_steps_per_second(c, args, precision, batches, steps):
+def bare_optimizer(trainable, args):
+    """The bare step's AdamW: the script's settings at a fixed learning rate, no schedule, no clipping."""
     import paddle
 
+    return paddle.optimizer.AdamW(learning_rate=1e-4, parameters=trainable, beta1=args.adam_beta1,
+                                  beta2=args.adam_beta2, epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay)
+
+
+def bare_steps_per_second(c, args, precision, batches, steps):
     from kandinsky_finetune import prior, tracking
 
     c.prior.train()
-    trainable = [p for p in c.prior.parameters() if not p.stop_gradient]
-    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=trainable, beta1=args.adam_beta1,
-                                       beta2=args.adam_beta2, epsilon=args.adam_epsilon,
-                                       weight_decay=args.adam_weight_decay)
+    optimizer = bare_optimizer([p for p in c.prior.parameters() if not p.stop_gradient], args)
     clock = tracking.Stopwatch()
     for batch in itertools.islice(itertools.cycle(batches), steps):
         prior.loss(c, c.prior, batch, args.snr_gamma, precision).backward()
@@ -97,9 +100,7 @@ def pieces_loops(c, args, precision, batches, workdir):
     loops = {}
     for level, name in enumerate(PIECES):
         if level < 2:
-            optimizer, schedule = paddle.optimizer.AdamW(
-                learning_rate=1e-4, parameters=trainable, beta1=args.adam_beta1, beta2=args.adam_beta2,
-                epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay), None
+            optimizer, schedule = bare_optimizer(trainable, args), None
         else:
             optimizer, schedule = build_optimizer(trainable, args, SimpleNamespace(batches_per_epoch=1))
         source = itertools.cycle(batches)
@@ -140,7 +141,8 @@ def print_pieces(loops, block, blocks):
           f"{blocks} alternating blocks of {block} steps")
     for name in PIECES:
         speeds = [bare / t for bare, t in zip(seconds[PIECES[0]], seconds[name])]
-        low, _, high = statistics.quantiles(speeds, n=4) if len(speeds) > 1 else speeds * 3
+        # (inclusive: within the blocks' range; the default extrapolates past it, below 0 with few blocks)
+        low, _, high = statistics.quantiles(speeds, n=4, method="inclusive") if len(speeds) > 1 else speeds * 3
         print(f"{name}: {block / statistics.median(seconds[name]):.2f} steps/s, {statistics.median(speeds):.3f} of the "
               f"bare step (quartiles {low:.3f}-{high:.3f})")
 

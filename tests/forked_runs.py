@@ -37,11 +37,12 @@ def forkable(argv, env, server_env, cwd):
     options = list(argv)
     while options and options[0] == "-u":
         options.pop(0)
-    if options[:2] != LAUNCHER and (not options or not options[0].endswith(".py")
-                                    or not os.path.isfile(os.path.join(cwd, options[0]))):
+    launch = options[:2] == LAUNCHER
+    if not launch and (not options or not options[0].endswith(".py")
+                       or not os.path.isfile(os.path.join(cwd, options[0]))):
         return None
     differing = {k for k in set(env) | set(server_env) if env.get(k) != server_env.get(k)}
-    if "PADDLE_TRAINER_ID" in env and options[:2] != LAUNCHER:  # a launched worker
+    if "PADDLE_TRAINER_ID" in env and not launch:  # a launched worker
         differing = {k for k in differing if not k.startswith("PADDLE_") and k not in LAUNCHER_SETS
                      and not (k == "OMP_NUM_THREADS" and env[k] == "1" and k not in server_env)}
     return options if differing <= SAFE_TO_DIFFER else None
