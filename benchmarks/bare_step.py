@@ -150,13 +150,22 @@ def print_pieces(loops, block, blocks):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=os.path.join(bench.ROOT, "benchmark_output"))
-    parser.add_argument("--steps", type=int, default=200, help="Optimizer steps per run, of each.")
-    parser.add_argument("--repeats", type=int, default=3, help="Runs of each; the medians are printed.")
+    parser.add_argument("--steps", type=int, help="Optimizer steps per run, of each (default 200).")
+    parser.add_argument("--repeats", type=int, help="Runs of each; the medians are printed (default 3).")
     parser.add_argument("--pieces", action="store_true",
                         help="Add the loop's pieces to the bare step one at a time instead of running the script.")
-    parser.add_argument("--block", type=int, default=40, help="With --pieces: steps per block.")
-    parser.add_argument("--blocks", type=int, default=30, help="With --pieces: blocks of each.")
+    parser.add_argument("--block", type=int, help="With --pieces: steps per block (default 40).")
+    parser.add_argument("--blocks", type=int, help="With --pieces: blocks of each (default 30).")
     args = parser.parse_args()
+    # each mode's own flags; the other mode's would be ignored
+    unused = ("--steps", "--repeats") if args.pieces else ("--block", "--blocks")
+    given = [flag for flag in unused if getattr(args, flag[2:]) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} {'are' if len(given) > 1 else 'is'} "
+                     f"{'not used with' if args.pieces else 'only used with'} --pieces")
+    for flag, default in (("steps", 200), ("repeats", 3), ("block", 40), ("blocks", 30)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     from kandinsky_finetune.tracking import quiet_libraries
 
     quiet_libraries()

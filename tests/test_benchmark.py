@@ -73,6 +73,9 @@ def test_bare_step_adds_the_loops_pieces_one_at_a_time(tmp_path):
                                            "+ tracker"], proc.stdout
     assert all(float(rate) > 0 and float(low) <= float(speed) <= float(high) for _, rate, speed, low, high in rows)
     assert float(rows[0][2]) == 1.0  # the bare step against itself
+    # the other mode's flags would be ignored: refused instead
+    refused = run([sys.executable, str(ROOT / "benchmarks" / "bare_step.py"), "--pieces", "--steps", "5"], check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("--steps is not used with --pieces")
 
 
 def test_activation_benchmark_measures_and_plans_each_configuration(tmp_path):
